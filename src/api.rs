@@ -1,0 +1,298 @@
+//! The `RegistryAccess` custom resource (`registry-access.io/v1alpha1`): spec, status and defaults.
+//!
+//! Field doc comments become the CRD's descriptions, so they are written for `kubectl explain`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "registry-access.io";
+/// Key of the client secret in the referenced Secret when `clientSecretRef.key` is not set.
+pub const DEFAULT_CLIENT_SECRET_KEY: &str = "client_secret";
+/// Suffix of the token Secret's default name (`<metadata.name>-token`).
+pub const DEFAULT_SECRET_SUFFIX: &str = "-token";
+
+/// A URL with scheme http or https, a host, no user information, query or fragment.
+const URL_PATTERN: &str = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$";
+/// A Kubernetes object name (DNS subdomain, RFC 1123).
+const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A key of a Secret's data.
+const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// A positive Go-style duration such as `100s`, `1m30s` or `1.5m`.
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+/// An OAuth2 scope token (RFC 6749 section 3.3).
+const SCOPE_PATTERN: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+$";
+
+/// Which Keycloak client's token to keep, and in which Secret.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "registry-access.io",
+    version = "v1alpha1",
+    kind = "RegistryAccess",
+    plural = "registryaccesses",
+    shortname = "ra",
+    namespaced,
+    doc = "RegistryAccess keeps a valid Keycloak access token for one client in a Secret. The operator requests the token with the OAuth2 client_credentials grant from {server}/realms/{realm}/protocol/openid-connect/token, writes it to the Secret named in spec.secret.name (default <name>-token) and requests a new one renewBefore ahead of its expiry, so that pods mounting the Secret always find an unexpired token.",
+    status = "RegistryAccessStatus",
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
+    printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renew", type_ = "date", json_path = ".status.renewAt", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 247 || (has(self.spec.secret) && has(self.spec.secret.name))")
+        .message("metadata.name is too long for the default token Secret name <name>-token: set spec.secret.name"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryAccessSpec {
+    /// Base URL of the Keycloak server, with or without the legacy `/auth` context path, for
+    /// example `https://platform-keycloak.apps.example.com/auth`. The token is requested from
+    /// `{server}/realms/{realm}/protocol/openid-connect/token`. Must be an absolute http or https
+    /// URL without user information, query or fragment.
+    #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
+    #[x_kube(validation = Rule::new("isURL(self)").message("server must be an absolute http(s) URL, e.g. https://keycloak.example.com/auth"))]
+    pub server: String,
+
+    /// Keycloak realm that the client belongs to, for example `consent-01-external-system`.
+    #[schemars(length(min = 1, max = 255))]
+    pub realm: String,
+
+    /// Client ID of the external system in that realm, for example `test-ext`.
+    #[schemars(length(min = 1, max = 255))]
+    pub client_id: String,
+
+    /// The Secret, in this RegistryAccess's namespace, that holds the client secret.
+    pub client_secret_ref: ClientSecretRef,
+
+    /// How the client authenticates to the token endpoint: `client_secret_post` (the default:
+    /// client_id and client_secret in the form body) or `client_secret_basic` (HTTP Basic).
+    #[serde(default)]
+    pub client_auth_method: ClientAuthMethod,
+
+    /// OAuth2 scopes to request, sent as the space-separated `scope` parameter. Empty or unset:
+    /// no scope parameter, Keycloak grants the client's default scopes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(pattern(SCOPE_PATTERN)))]
+    pub scopes: Vec<String>,
+
+    /// URL of the registry's API gateway, for example
+    /// `https://external-service-api-consent-02-main.apps.example.com/api/gateway`. Optional; when
+    /// set it is copied into the token Secret under the key `registry_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
+    pub registry_url: Option<String>,
+
+    /// How long before the token's expiry a new token is requested, as a duration such as `100s`
+    /// or `2m`. Default: one third of the token's lifetime (100s for Keycloak's default 300s),
+    /// which leaves the kubelet time to deliver the new token to mounted volumes. A value not
+    /// shorter than the lifetime falls back to half the lifetime and the status says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("renewBefore must be a positive duration such as 100s"))]
+    pub renew_before: Option<Duration>,
+
+    /// The Secret that receives the token, in this namespace. It is created and owned by this
+    /// RegistryAccess and deleted with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretTemplate>,
+}
+
+/// A key of a Secret in the RegistryAccess's own namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretRef {
+    /// Name of the Secret. Secrets of other namespaces cannot be referenced.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+
+    /// Key of the client secret in that Secret's data. Default: `client_secret`.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+fn default_client_secret_key() -> String {
+    DEFAULT_CLIENT_SECRET_KEY.to_owned()
+}
+
+/// How the client secret is presented to Keycloak's token endpoint (RFC 6749 section 2.3.1).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ClientAuthMethod {
+    /// `client_id` and `client_secret` as form parameters in the request body.
+    #[default]
+    #[serde(rename = "client_secret_post")]
+    ClientSecretPost,
+    /// `Authorization: Basic` with the form-urlencoded client_id and client_secret.
+    #[serde(rename = "client_secret_basic")]
+    ClientSecretBasic,
+}
+
+impl ClientAuthMethod {
+    /// The name used in the spec and in OAuth2 metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientSecretPost => "client_secret_post",
+            Self::ClientSecretBasic => "client_secret_basic",
+        }
+    }
+}
+
+/// Name and extra metadata of the token Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    /// Name of the token Secret. Default: `<metadata.name>-token`. An existing Secret of that
+    /// name that this RegistryAccess does not own is never overwritten (reason SecretConflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: Option<String>,
+
+    /// Extra labels for the token Secret. `app.kubernetes.io/managed-by` is always set by the
+    /// operator.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+
+    /// Extra annotations for the token Secret. Keys under `registry-access.io/` are reserved.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Observed state of the token, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryAccessStatus {
+    /// The metadata.generation that this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Name of the Secret that holds the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+
+    /// When the current token was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+
+    /// When the current token expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+
+    /// When the operator requests the next token (expiresAt minus renewBefore, minus a small
+    /// jitter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<Time>,
+
+    /// Realm roles granted to the client, from the token's `realm_access.roles` claim.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted_roles: Vec<String>,
+
+    /// Scopes granted with the current token, as returned by Keycloak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+
+    /// Token requests that failed in a row since the last success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_attempts: Option<u32>,
+
+    /// When the last token request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+
+    /// `Ready`: the Secret holds an unexpired token. `Degraded`: the last attempt to refresh the
+    /// token failed; its reason and message say what to fix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl RegistryAccess {
+    /// Name of the token Secret: `spec.secret.name`, or `<metadata.name>-token`.
+    pub fn token_secret_name(&self) -> String {
+        self.spec
+            .secret
+            .as_ref()
+            .and_then(|s| s.name.clone())
+            .unwrap_or_else(|| {
+                format!(
+                    "{}{DEFAULT_SECRET_SUFFIX}",
+                    self.metadata.name.as_deref().unwrap_or_default()
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn spec() -> RegistryAccessSpec {
+        serde_json::from_value(serde_json::json!({
+            "server": "https://kc.example.com/auth",
+            "realm": "r",
+            "clientId": "c",
+            "clientSecretRef": {"name": "creds"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_documented_flow() {
+        let s = spec();
+        assert_eq!(s.client_secret_ref.key, "client_secret");
+        assert_eq!(s.client_auth_method, ClientAuthMethod::ClientSecretPost);
+        assert!(s.scopes.is_empty());
+        assert!(s.renew_before.is_none());
+    }
+
+    #[test]
+    fn token_secret_name_defaults_to_name_dash_token() {
+        let mut ra = RegistryAccess::new("consent-02", spec());
+        assert_eq!(ra.token_secret_name(), "consent-02-token");
+        ra.spec.secret = Some(SecretTemplate {
+            name: Some("custom".into()),
+            ..Default::default()
+        });
+        assert_eq!(ra.token_secret_name(), "custom");
+    }
+
+    #[test]
+    fn renew_before_parses_go_durations() {
+        let mut v = serde_json::to_value(spec()).unwrap();
+        v["renewBefore"] = "1m30s".into();
+        let s: RegistryAccessSpec = serde_json::from_value(v).unwrap();
+        let d: std::time::Duration = s.renew_before.unwrap().into();
+        assert_eq!(d.as_secs(), 90);
+    }
+
+    #[test]
+    fn auth_method_names_match_oauth2() {
+        let v = serde_json::to_value(ClientAuthMethod::ClientSecretBasic).unwrap();
+        assert_eq!(v, "client_secret_basic");
+        assert!(serde_json::from_value::<ClientAuthMethod>("basic".into()).is_err());
+    }
+
+    #[test]
+    fn crd_carries_validation_and_columns() {
+        let crd = serde_json::to_string(&RegistryAccess::crd()).unwrap();
+        for needle in [
+            "isURL(self)",
+            "duration(self)",
+            "\"ra\"",
+            "Expires",
+            "x-kubernetes-list-map-keys",
+            URL_PATTERN,
+        ] {
+            assert!(
+                crd.contains(&needle.replace('\\', "\\\\")),
+                "CRD lacks {needle}"
+            );
+        }
+    }
+}

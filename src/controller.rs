@@ -1,0 +1,413 @@
+//! The reconciler: for each RegistryAccess, read (token Secret, client Secret) -> decide (pure) ->
+//! write (token Secret, status), and requeue for the next renewal.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::api::RegistryAccess;
+use crate::credentials::{self, Credentials};
+use crate::decide::{self, Decision, Failure};
+use crate::schedule;
+use crate::secret::{self, MANAGER, Observed};
+use crate::status::{self, StatusInputs};
+use crate::token::{self, TokenClient, TokenRequest};
+
+/// How long to wait before retrying after a Kubernetes API error.
+const API_ERROR_RETRY: Duration = Duration::from_secs(5);
+/// A conflicting Secret is re-checked at least this often (its deletion also triggers at once).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
+
+/// Why a reconcile failed at the Kubernetes API; token request failures are not errors here, they
+/// become conditions.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading token Secret {namespace}/{name}: {source}")]
+    ReadTokenSecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("reading client Secret {namespace}/{name}: {source}")]
+    ReadClientSecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("writing token Secret {namespace}/{name}: {source}")]
+    ApplySecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("writing status of RegistryAccess {namespace}/{name}: {source}")]
+    ApplyStatus {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+/// Settings of a controller run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Watch only this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Most reconciles in flight at once.
+    pub concurrency: u16,
+    pub token_client: token::ClientConfig,
+}
+
+/// Handles shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub tokens: TokenClient,
+    /// Last failure per object uid, until a request for it succeeds.
+    failures: Mutex<HashMap<String, Failure>>,
+}
+
+impl Context {
+    pub fn new(client: Client, tokens: TokenClient) -> Self {
+        Self {
+            client,
+            tokens,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failure(&self, uid: &str) -> Option<Failure> {
+        self.failures.lock().ok().and_then(|m| m.get(uid).cloned())
+    }
+
+    fn set_failure(&self, uid: &str, f: Option<Failure>) {
+        if let Ok(mut m) = self.failures.lock() {
+            match f {
+                Some(f) => m.insert(uid.to_owned(), f),
+                None => m.remove(uid),
+            };
+        }
+    }
+}
+
+/// Runs the controller until a termination signal arrives.
+pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
+    let tokens = TokenClient::new(config.token_client.clone())
+        .map_err(|e| kube::Error::Service(Box::new(e)))?;
+    let (ras, secrets): (Api<RegistryAccess>, Api<PartialObjectMeta<Secret>>) =
+        match &config.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let (store, writer) = reflector::store();
+    // Reconcile on spec and annotation changes only: the operator's own status writes do not
+    // trigger another round.
+    let ra_events = watcher(ras, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations),
+            Default::default(),
+        );
+    // One metadata-only watch of Secrets serves both directions: the client Secrets a
+    // RegistryAccess reads and the token Secrets it writes. No Secret data is cached.
+    let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
+    let lookup = store.clone();
+    let ctx = Arc::new(Context::new(client, tokens));
+    info!(
+        namespace = config.namespace.as_deref().unwrap_or("<all>"),
+        concurrency = config.concurrency,
+        "controller starting"
+    );
+    Controller::for_stream(ra_events, store)
+        .watches_stream(secret_events, move |s| {
+            let ns = s.namespace();
+            let name = s.name_any();
+            lookup
+                .state()
+                .into_iter()
+                .filter(|ra| {
+                    ra.namespace() == ns
+                        && (ra.spec.client_secret_ref.name == name
+                            || ra.token_secret_name() == name)
+                })
+                .map(|ra| ObjectRef::from_obj(&*ra))
+                .collect::<Vec<_>>()
+        })
+        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => {
+                    debug!(namespace = obj.namespace.as_deref(), name = %obj.name, "reconciled")
+                }
+                Err(e) => debug!(error = %e, "reconcile did not complete"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+/// Reconciles one RegistryAccess.
+pub async fn reconcile(ra: Arc<RegistryAccess>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = ra.namespace().unwrap_or_default();
+    let name = ra.name_any();
+    let span = info_span!("reconcile", namespace = %namespace, name = %name);
+    reconcile_in(ra, ctx, namespace, name)
+        .instrument(span)
+        .await
+}
+
+async fn reconcile_in(
+    ra: Arc<RegistryAccess>,
+    ctx: Arc<Context>,
+    namespace: String,
+    name: String,
+) -> Result<Action, Error> {
+    if ra.metadata.deletion_timestamp.is_some() {
+        // The token Secret goes with its owner through garbage collection.
+        return Ok(Action::await_change());
+    }
+    let uid = ra.uid().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret_name = ra.token_secret_name();
+    let client_secret_name = &ra.spec.client_secret_ref.name;
+
+    // Read.
+    let live = secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(|source| Error::ReadTokenSecret {
+            namespace: namespace.clone(),
+            name: secret_name.clone(),
+            source,
+        })?;
+    let client_secret = secrets
+        .get_opt(client_secret_name)
+        .await
+        .map_err(|source| Error::ReadClientSecret {
+            namespace: namespace.clone(),
+            name: client_secret_name.clone(),
+            source,
+        })?;
+
+    // Decide.
+    let now = Timestamp::now();
+    let observed = secret::observe(&ra, live.as_ref());
+    let credentials = credentials::extract(&ra, client_secret.as_ref());
+    let inputs = credentials.as_ref().ok().map(|c| c.inputs.clone());
+    let renew_before = ra
+        .spec
+        .renew_before
+        .filter(|d| !d.is_negative())
+        .map(Duration::from);
+    let failure = ctx.failure(&uid);
+    let decision = decide::decide(decide::Inputs {
+        now,
+        observed: &observed,
+        inputs: inputs.as_deref(),
+        renew_before,
+        failure: failure.as_ref(),
+        jitter_seed: &uid,
+    });
+    debug!(?decision, "decided");
+
+    // Write.
+    let apply = PatchParams::apply(MANAGER).force();
+    let write_secret = |desired: Secret| {
+        let secrets = secrets.clone();
+        let (namespace, secret_name) = (namespace.clone(), secret_name.clone());
+        async move {
+            secrets
+                .patch(&secret_name, &apply, &Patch::Apply(&desired))
+                .await
+                .map_err(|source| Error::ApplySecret {
+                    namespace,
+                    name: secret_name,
+                    source,
+                })
+        }
+    };
+    let (held, failure, conflict, next) = match decision {
+        Decision::Conflict => {
+            warn!(secret = %secret_name, "token Secret exists and is not owned by this RegistryAccess; leaving it untouched");
+            (None, failure, true, now + signed(CONFLICT_RECHECK))
+        }
+        Decision::Wait { until } => {
+            let held = match &observed {
+                Observed::Held(h) => Some(h.clone()),
+                _ => None,
+            };
+            if let (Some(h), Some(live)) = (&held, &live) {
+                let desired = secret::build(&ra, &h.token, h.inputs.as_deref().unwrap_or_default());
+                if secret::needs_apply(&desired, live) {
+                    info!(secret = %secret_name, "restoring token Secret");
+                    write_secret(desired).await?;
+                }
+            }
+            (held.map(|h| h.token), failure, false, until)
+        }
+        Decision::Fetch(why) => {
+            let previous_token = match &observed {
+                Observed::Held(h) => Some(h.token.clone()),
+                _ => None,
+            };
+            match fetch(&ra, &ctx, credentials, now).await {
+                Ok((token, inputs)) => {
+                    write_secret(secret::build(&ra, &token, &inputs)).await?;
+                    info!(
+                        secret = %secret_name,
+                        reason = why.as_str(),
+                        expires_at = %secret::rfc3339(token.expires_at),
+                        "token refreshed"
+                    );
+                    ctx.set_failure(&uid, None);
+                    let plan = decide::renewal(
+                        &Observed::Held(secret::HeldToken {
+                            token: token.clone(),
+                            inputs: Some(inputs),
+                        }),
+                        renew_before,
+                        &uid,
+                    );
+                    let next = plan.map(|p| p.renew_at).unwrap_or(now);
+                    (Some(token), None, false, next)
+                }
+                Err(problem) => {
+                    let attempts = failure
+                        .as_ref()
+                        .map(|f| f.attempts)
+                        .unwrap_or(0)
+                        .saturating_add(1);
+                    let expires_at = previous_token.as_ref().map(|t| t.expires_at);
+                    let retry_at =
+                        schedule::retry_at(now, attempts, expires_at, rand::random::<f64>());
+                    warn!(
+                        reason = problem.reason,
+                        message = %problem.message,
+                        attempts,
+                        retry_at = %secret::rfc3339(retry_at),
+                        "token request failed"
+                    );
+                    let f = Failure {
+                        attempts,
+                        at: now,
+                        retry_at,
+                        inputs: inputs.clone(),
+                        reason: problem.reason,
+                        message: problem.message,
+                    };
+                    ctx.set_failure(&uid, Some(f.clone()));
+                    let next = match expires_at {
+                        Some(e) if e > now => retry_at.min(e),
+                        _ => retry_at,
+                    };
+                    (previous_token, Some(f), false, next)
+                }
+            }
+        }
+    };
+
+    let plan = held.as_ref().map(|t| {
+        let jitter = schedule::jitter_from(&format!("{uid}/{}", t.expires_at));
+        schedule::plan_renewal(t.issued_at, t.expires_at, renew_before, jitter)
+    });
+    let status = status::build(&StatusInputs {
+        now,
+        generation: ra.metadata.generation,
+        secret_name: &secret_name,
+        token: held.as_ref(),
+        plan,
+        conflict,
+        failure: failure.as_ref(),
+        previous: ra.status.as_ref(),
+    });
+    if ra.status.as_ref() != Some(&status) {
+        let api: Api<RegistryAccess> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = json!({
+            "apiVersion": RegistryAccess::api_version(&()),
+            "kind": RegistryAccess::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::ApplyStatus {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    }
+
+    // Look again at the next renewal or retry time; a token that expires meanwhile is reported.
+    let next = match held.as_ref().map(|t| t.expires_at) {
+        Some(e) if e > now => next.min(e),
+        _ => next,
+    };
+    let wait = Duration::try_from(next.duration_since(now)).unwrap_or(Duration::ZERO);
+    debug!(requeue_after_secs = wait.as_secs(), "next look");
+    Ok(Action::requeue(wait.max(Duration::from_millis(100))))
+}
+
+/// Requests a token with the credentials, turning every failure into a condition problem.
+async fn fetch(
+    ra: &RegistryAccess,
+    ctx: &Context,
+    credentials: Result<Credentials, credentials::Problem>,
+    now: Timestamp,
+) -> Result<(token::IssuedToken, String), credentials::Problem> {
+    let credentials = credentials?;
+    let url = token::token_url(&ra.spec.server, &ra.spec.realm).map_err(|message| {
+        credentials::Problem {
+            reason: status::reason::INVALID_SPEC,
+            message,
+        }
+    })?;
+    let request = TokenRequest {
+        token_url: &url,
+        client_id: &ra.spec.client_id,
+        client_secret: &credentials.client_secret,
+        auth_method: ra.spec.client_auth_method,
+        scopes: &ra.spec.scopes,
+    };
+    ctx.tokens
+        .request(&request, now)
+        .await
+        .map(|t| (t, credentials.inputs))
+        .map_err(|e| credentials::Problem {
+            reason: status::reason_for(&e),
+            message: e.to_string(),
+        })
+}
+
+/// Kubernetes API errors: retried soon, with jitter so that many objects do not retry together.
+pub fn error_policy(_ra: Arc<RegistryAccess>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(error = %error, "reconcile failed; retrying");
+    Action::requeue(API_ERROR_RETRY.mul_f64(1.0 + rand::random::<f64>()))
+}
+
+fn signed(d: Duration) -> jiff::SignedDuration {
+    jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::ZERO)
+}

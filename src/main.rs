@@ -1,0 +1,124 @@
+//! Command line of registry-access-operator: `run` the controller, or print the `crd`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kube::CustomResourceExt;
+use registry_access_operator::api::RegistryAccess;
+use registry_access_operator::controller::{self, RunConfig};
+use registry_access_operator::telemetry::{self, LogFormat};
+use registry_access_operator::token;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Keeps a fresh Keycloak access token in a Secret for every RegistryAccess"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the RegistryAccess CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the controller (in a cluster, or with a kubeconfig).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Path of a kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch only this namespace. Default: all namespaces.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Log filter, e.g. `info` or `registry_access_operator=debug`.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Most RegistryAccess objects reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Time allowed to connect to Keycloak, e.g. `5s`.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Time allowed for one token request, e.g. `15s`.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    request_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
+    if d.is_negative() {
+        return Err("duration must not be negative".to_owned());
+    }
+    Ok(d.into())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => match serde_yaml::to_string(&RegistryAccess::crd()) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    telemetry::init(&args.log_level, args.log_format);
+    token::install_crypto_provider();
+    let client = match client(args.kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build a Kubernetes client");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = RunConfig {
+        namespace: args.namespace,
+        concurrency: args.concurrency,
+        token_client: token::ClientConfig {
+            connect_timeout: args.connect_timeout,
+            request_timeout: args.request_timeout,
+        },
+    };
+    match controller::run(client, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "controller failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, Box<dyn std::error::Error>> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}

@@ -1,0 +1,378 @@
+//! The RegistryAccess status and its Ready and Degraded conditions, built as a pure function.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::RegistryAccessStatus;
+use crate::decide::Failure;
+use crate::schedule::RenewPlan;
+use crate::secret::rfc3339;
+use crate::token::{IssuedToken, TokenError};
+
+/// Condition types.
+pub const READY: &str = "Ready";
+pub const DEGRADED: &str = "Degraded";
+
+/// Condition reasons: each names what a user can act on.
+pub mod reason {
+    pub const TOKEN_VALID: &str = "TokenValid";
+    pub const TOKEN_EXPIRED: &str = "TokenExpired";
+    pub const ISSUING: &str = "Issuing";
+    pub const REFRESH_SUCCEEDED: &str = "RefreshSucceeded";
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    pub const CLIENT_SECRET_NOT_FOUND: &str = "ClientSecretNotFound";
+    pub const CLIENT_SECRET_KEY_MISSING: &str = "ClientSecretKeyMissing";
+    pub const INVALID_CLIENT_CREDENTIALS: &str = "InvalidClientCredentials";
+    pub const SERVICE_ACCOUNTS_DISABLED: &str = "ServiceAccountsDisabled";
+    pub const INVALID_SCOPE: &str = "InvalidScope";
+    pub const REALM_NOT_FOUND: &str = "RealmNotFound";
+    pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
+    pub const KEYCLOAK_UNAVAILABLE: &str = "KeycloakUnavailable";
+    pub const TLS_ERROR: &str = "TLSError";
+    pub const UNEXPECTED_REDIRECT: &str = "UnexpectedRedirect";
+    pub const INVALID_TOKEN_RESPONSE: &str = "InvalidTokenResponse";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}
+
+/// The condition reason for a failed token request.
+pub fn reason_for(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Connect { .. }
+        | TokenError::Timeout { .. }
+        | TokenError::ServerError { .. } => reason::KEYCLOAK_UNAVAILABLE,
+        TokenError::Tls { .. } => reason::TLS_ERROR,
+        TokenError::Redirect { .. } => reason::UNEXPECTED_REDIRECT,
+        TokenError::InvalidClient { .. } => reason::INVALID_CLIENT_CREDENTIALS,
+        TokenError::ServiceAccountsDisabled { .. } => reason::SERVICE_ACCOUNTS_DISABLED,
+        TokenError::InvalidScope { .. } => reason::INVALID_SCOPE,
+        TokenError::NotFound { .. } => reason::REALM_NOT_FOUND,
+        TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
+        TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => {
+            reason::INVALID_TOKEN_RESPONSE
+        }
+    }
+}
+
+/// What the status is built from.
+pub struct StatusInputs<'a> {
+    pub now: Timestamp,
+    pub generation: Option<i64>,
+    pub secret_name: &'a str,
+    /// The token the Secret holds now, if any.
+    pub token: Option<&'a IssuedToken>,
+    pub plan: Option<RenewPlan>,
+    pub conflict: bool,
+    pub failure: Option<&'a Failure>,
+    pub previous: Option<&'a RegistryAccessStatus>,
+}
+
+/// Builds the status. Conditions keep their lastTransitionTime while their status is unchanged.
+pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
+    let previous = i
+        .previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let valid = i.token.filter(|t| t.expires_at > i.now);
+    let (ready, ready_reason, ready_message) = if i.conflict {
+        (
+            false,
+            reason::SECRET_CONFLICT,
+            conflict_message(i.secret_name),
+        )
+    } else if let Some(t) = valid {
+        let mut m = format!(
+            "Secret {} holds a token valid until {}",
+            i.secret_name,
+            rfc3339(t.expires_at)
+        );
+        if let Some(p) = &i.plan {
+            m.push_str(&format!("; next refresh at {}", rfc3339(p.renew_at)));
+            if p.fell_back {
+                m.push_str(&format!(
+                    "; renewBefore is not shorter than the token lifetime, renewing {}s before expiry (half the lifetime) instead",
+                    p.renew_before.as_secs()
+                ));
+            }
+        }
+        (true, reason::TOKEN_VALID, m)
+    } else if let Some(t) = i.token {
+        let mut m = format!(
+            "the token in Secret {} expired at {}",
+            i.secret_name,
+            rfc3339(t.expires_at)
+        );
+        if let Some(f) = i.failure {
+            m.push_str(&format!("; refreshing fails: {}", f.message));
+        }
+        (false, reason::TOKEN_EXPIRED, m)
+    } else if let Some(f) = i.failure {
+        (false, f.reason, f.message.clone())
+    } else {
+        (
+            false,
+            reason::ISSUING,
+            "requesting the first token".to_owned(),
+        )
+    };
+    let (degraded, degraded_reason, degraded_message) = match (i.failure, i.conflict) {
+        (_, true) => (
+            true,
+            reason::SECRET_CONFLICT,
+            conflict_message(i.secret_name),
+        ),
+        (Some(f), _) => (
+            true,
+            f.reason,
+            format!(
+                "{} (failed {} time(s) in a row; next attempt at {})",
+                f.message,
+                f.attempts,
+                rfc3339(f.retry_at)
+            ),
+        ),
+        (None, _) => (
+            false,
+            reason::REFRESH_SUCCEEDED,
+            "the last token request succeeded".to_owned(),
+        ),
+    };
+    let conditions = vec![
+        condition(
+            previous,
+            READY,
+            ready,
+            ready_reason,
+            ready_message,
+            i.generation,
+            i.now,
+        ),
+        condition(
+            previous,
+            DEGRADED,
+            degraded,
+            degraded_reason,
+            degraded_message,
+            i.generation,
+            i.now,
+        ),
+    ];
+    RegistryAccessStatus {
+        observed_generation: i.generation,
+        secret_name: Some(i.secret_name.to_owned()),
+        issued_at: i.token.map(|t| time(t.issued_at)),
+        expires_at: i.token.map(|t| time(t.expires_at)),
+        renew_at: i.token.and(i.plan).map(|p| time(p.renew_at)),
+        granted_roles: i.token.map(|t| t.realm_roles.clone()).unwrap_or_default(),
+        scope: i.token.and_then(|t| t.scope.clone()),
+        failed_attempts: i.failure.map(|f| f.attempts),
+        last_failure_time: i.failure.map(|f| time(f.at)),
+        conditions,
+    }
+}
+
+fn conflict_message(secret_name: &str) -> String {
+    format!(
+        "Secret {secret_name} already exists and is not owned by this RegistryAccess; it is left untouched: \
+         delete it, or choose another name in spec.secret.name"
+    )
+}
+
+/// Truncates to whole seconds, as the API server stores times, so that comparing a built status
+/// with the stored one does not see a difference that is not there.
+fn time(t: Timestamp) -> Time {
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
+}
+
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| time(now));
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The condition of the given type, if present.
+pub fn find<'a>(status: &'a RegistryAccessStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::plan_renewal;
+    use crate::secret::tests::token;
+    use secrecy::ExposeSecret;
+
+    const T0: i64 = 1_700_000_000;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(T0 + s).unwrap()
+    }
+
+    fn inputs<'a>(
+        now: i64,
+        token: Option<&'a IssuedToken>,
+        failure: Option<&'a Failure>,
+    ) -> StatusInputs<'a> {
+        StatusInputs {
+            now: at(now),
+            generation: Some(3),
+            secret_name: "consent-02-token",
+            token,
+            plan: token.map(|t| plan_renewal(t.issued_at, t.expires_at, None, 0.0)),
+            conflict: false,
+            failure,
+            previous: None,
+        }
+    }
+
+    fn failure(reason: &'static str) -> Failure {
+        Failure {
+            attempts: 2,
+            at: at(250),
+            retry_at: at(254),
+            inputs: None,
+            reason,
+            message: "Keycloak rejected the client credentials".into(),
+        }
+    }
+
+    fn cond<'a>(s: &'a RegistryAccessStatus, t: &str) -> (&'a str, &'a str, &'a str) {
+        let c = find(s, t).unwrap();
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+    }
+
+    #[test]
+    fn a_valid_token_is_ready_with_times_and_roles() {
+        let t = token(T0, T0 + 300);
+        let s = build(&inputs(10, Some(&t), None));
+        assert_eq!(cond(&s, READY).0, "True");
+        assert_eq!(cond(&s, READY).1, reason::TOKEN_VALID);
+        assert_eq!(cond(&s, DEGRADED).0, "False");
+        assert_eq!(s.expires_at, Some(Time(at(300))));
+        assert_eq!(s.renew_at, Some(Time(at(200))));
+        assert_eq!(s.issued_at, Some(Time(at(0))));
+        assert_eq!(s.granted_roles, vec!["trembita-invoker"]);
+        assert_eq!(s.scope.as_deref(), Some("profile email"));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.secret_name.as_deref(), Some("consent-02-token"));
+    }
+
+    #[test]
+    fn a_failure_with_a_valid_token_is_ready_and_degraded() {
+        let t = token(T0, T0 + 300);
+        let f = failure(reason::INVALID_CLIENT_CREDENTIALS);
+        let s = build(&inputs(250, Some(&t), Some(&f)));
+        assert_eq!(cond(&s, READY).0, "True");
+        assert_eq!(cond(&s, DEGRADED).0, "True");
+        assert_eq!(cond(&s, DEGRADED).1, reason::INVALID_CLIENT_CREDENTIALS);
+        assert!(cond(&s, DEGRADED).2.contains("2 time(s)"));
+        assert_eq!(s.failed_attempts, Some(2));
+    }
+
+    #[test]
+    fn an_expired_token_is_not_ready() {
+        let t = token(T0, T0 + 300);
+        let f = failure(reason::KEYCLOAK_UNAVAILABLE);
+        let s = build(&inputs(300, Some(&t), Some(&f)));
+        assert_eq!(cond(&s, READY).1, reason::TOKEN_EXPIRED);
+        assert_eq!(cond(&s, READY).0, "False");
+        assert!(cond(&s, READY).2.contains("refreshing fails"));
+    }
+
+    #[test]
+    fn no_token_reports_the_failure_or_issuing() {
+        let f = failure(reason::CLIENT_SECRET_NOT_FOUND);
+        let s = build(&inputs(0, None, Some(&f)));
+        assert_eq!(
+            cond(&s, READY),
+            (
+                "False",
+                reason::CLIENT_SECRET_NOT_FOUND,
+                "Keycloak rejected the client credentials"
+            )
+        );
+        let s = build(&inputs(0, None, None));
+        assert_eq!(cond(&s, READY).1, reason::ISSUING);
+        assert!(s.expires_at.is_none() && s.renew_at.is_none());
+    }
+
+    #[test]
+    fn conflict_is_reported_on_both_conditions() {
+        let mut i = inputs(0, None, None);
+        i.conflict = true;
+        let s = build(&i);
+        assert_eq!(cond(&s, READY).1, reason::SECRET_CONFLICT);
+        assert_eq!(cond(&s, DEGRADED).1, reason::SECRET_CONFLICT);
+        assert!(cond(&s, READY).2.contains("spec.secret.name"));
+    }
+
+    #[test]
+    fn fallback_is_said_in_the_status() {
+        let t = token(T0, T0 + 300);
+        let mut i = inputs(10, Some(&t), None);
+        i.plan = Some(plan_renewal(
+            t.issued_at,
+            t.expires_at,
+            Some(std::time::Duration::from_secs(400)),
+            0.0,
+        ));
+        let s = build(&i);
+        assert!(
+            cond(&s, READY).2.contains("half the lifetime"),
+            "{}",
+            cond(&s, READY).2
+        );
+        assert_eq!(s.renew_at, Some(Time(at(150))));
+    }
+
+    #[test]
+    fn transition_time_is_kept_while_the_status_holds() {
+        let t = token(T0, T0 + 300);
+        let first = build(&inputs(10, Some(&t), None));
+        let mut i = inputs(100, Some(&t), None);
+        i.previous = Some(&first);
+        let second = build(&i);
+        assert_eq!(
+            find(&second, READY).unwrap().last_transition_time,
+            Time(at(10))
+        );
+        let f = failure(reason::KEYCLOAK_UNAVAILABLE);
+        let mut i = inputs(120, Some(&t), Some(&f));
+        i.previous = Some(&second);
+        let third = build(&i);
+        assert_eq!(
+            find(&third, READY).unwrap().last_transition_time,
+            Time(at(10))
+        );
+        assert_eq!(
+            find(&third, DEGRADED).unwrap().last_transition_time,
+            Time(at(120))
+        );
+    }
+
+    #[test]
+    fn status_never_contains_the_token() {
+        let t = token(T0, T0 + 300);
+        let s = build(&inputs(10, Some(&t), None));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains(t.access_token.expose_secret()));
+    }
+}
