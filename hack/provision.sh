@@ -4,7 +4,7 @@
 #
 # Everything comes from the package registries: Kubernetes, etcd and Helm are built with the Go
 # toolchain from the Go module proxy, Keycloak's server distribution comes from Maven Central.
-# Prints the cache's bin directory on its last line.
+# Prints where the tools are as `bin=<dir>` and `keycloak_home=<dir>` on its last two lines.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -140,4 +140,5 @@ case "$what" in
   keycloak) timed "keycloak" fetch_keycloak ;;
   *) log "usage: $0 [all|kubernetes|etcd|helm|keycloak]"; exit 2 ;;
 esac
-echo "$bin"
+echo "bin=$bin"
+echo "keycloak_home=$cache/keycloak-$KEYCLOAK_VERSION"

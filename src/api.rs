@@ -20,8 +20,7 @@ pub const DEFAULT_SECRET_SUFFIX: &str = "-token";
 /// A URL with scheme http or https, a host, no user information, query or fragment.
 const URL_PATTERN: &str = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$";
 /// A Kubernetes object name (DNS subdomain, RFC 1123).
-const DNS_SUBDOMAIN_PATTERN: &str =
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A key of a Secret's data.
 const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 /// A positive Go-style duration such as `100s`, `1m30s` or `1.5m`.
@@ -218,12 +217,7 @@ impl RegistryAccess {
             .secret
             .as_ref()
             .and_then(|s| s.name.clone())
-            .unwrap_or_else(|| {
-                format!(
-                    "{}{DEFAULT_SECRET_SUFFIX}",
-                    self.metadata.name.as_deref().unwrap_or_default()
-                )
-            })
+            .unwrap_or_else(|| format!("{}{DEFAULT_SECRET_SUFFIX}", self.metadata.name.as_deref().unwrap_or_default()))
     }
 }
 
@@ -255,10 +249,7 @@ mod tests {
     fn token_secret_name_defaults_to_name_dash_token() {
         let mut ra = RegistryAccess::new("consent-02", spec());
         assert_eq!(ra.token_secret_name(), "consent-02-token");
-        ra.spec.secret = Some(SecretTemplate {
-            name: Some("custom".into()),
-            ..Default::default()
-        });
+        ra.spec.secret = Some(SecretTemplate { name: Some("custom".into()), ..Default::default() });
         assert_eq!(ra.token_secret_name(), "custom");
     }
 
@@ -281,18 +272,9 @@ mod tests {
     #[test]
     fn crd_carries_validation_and_columns() {
         let crd = serde_json::to_string(&RegistryAccess::crd()).unwrap();
-        for needle in [
-            "isURL(self)",
-            "duration(self)",
-            "\"ra\"",
-            "Expires",
-            "x-kubernetes-list-map-keys",
-            URL_PATTERN,
-        ] {
-            assert!(
-                crd.contains(&needle.replace('\\', "\\\\")),
-                "CRD lacks {needle}"
-            );
+        for needle in ["isURL(self)", "duration(self)", "\"ra\"", "Expires", "x-kubernetes-list-map-keys", URL_PATTERN]
+        {
+            assert!(crd.contains(&needle.replace('\\', "\\\\")), "CRD lacks {needle}");
         }
     }
 }

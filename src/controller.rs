@@ -35,29 +35,13 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading token Secret {namespace}/{name}: {source}")]
-    ReadTokenSecret {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
+    ReadTokenSecret { namespace: String, name: String, source: kube::Error },
     #[error("reading client Secret {namespace}/{name}: {source}")]
-    ReadClientSecret {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
+    ReadClientSecret { namespace: String, name: String, source: kube::Error },
     #[error("writing token Secret {namespace}/{name}: {source}")]
-    ApplySecret {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
+    ApplySecret { namespace: String, name: String, source: kube::Error },
     #[error("writing status of RegistryAccess {namespace}/{name}: {source}")]
-    ApplyStatus {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
+    ApplyStatus { namespace: String, name: String, source: kube::Error },
 }
 
 /// Settings of a controller run.
@@ -80,11 +64,7 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, tokens: TokenClient) -> Self {
-        Self {
-            client,
-            tokens,
-            failures: Mutex::new(HashMap::new()),
-        }
+        Self { client, tokens, failures: Mutex::new(HashMap::new()) }
     }
 
     fn failure(&self, uid: &str) -> Option<Failure> {
@@ -103,16 +83,11 @@ impl Context {
 
 /// Runs the controller until a termination signal arrives.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
-    let tokens = TokenClient::new(config.token_client.clone())
-        .map_err(|e| kube::Error::Service(Box::new(e)))?;
-    let (ras, secrets): (Api<RegistryAccess>, Api<PartialObjectMeta<Secret>>) =
-        match &config.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
+    let tokens = TokenClient::new(config.token_client.clone()).map_err(|e| kube::Error::Service(Box::new(e)))?;
+    let (ras, secrets): (Api<RegistryAccess>, Api<PartialObjectMeta<Secret>>) = match &config.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let (store, writer) = reflector::store();
     // Reconcile on spec and annotation changes only: the operator's own status writes do not
     // trigger another round.
@@ -120,15 +95,10 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(
-            predicates::generation.combine(predicates::annotations),
-            Default::default(),
-        );
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     // One metadata-only watch of Secrets serves both directions: the client Secrets a
     // RegistryAccess reads and the token Secrets it writes. No Secret data is cached.
-    let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
+    let secret_events = watcher(secrets, watcher::Config::default().any_semantic()).default_backoff().touched_objects();
     let lookup = store.clone();
     let ctx = Arc::new(Context::new(client, tokens));
     info!(
@@ -144,9 +114,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
                 .state()
                 .into_iter()
                 .filter(|ra| {
-                    ra.namespace() == ns
-                        && (ra.spec.client_secret_ref.name == name
-                            || ra.token_secret_name() == name)
+                    ra.namespace() == ns && (ra.spec.client_secret_ref.name == name || ra.token_secret_name() == name)
                 })
                 .map(|ra| ObjectRef::from_obj(&*ra))
                 .collect::<Vec<_>>()
@@ -172,9 +140,7 @@ pub async fn reconcile(ra: Arc<RegistryAccess>, ctx: Arc<Context>) -> Result<Act
     let namespace = ra.namespace().unwrap_or_default();
     let name = ra.name_any();
     let span = info_span!("reconcile", namespace = %namespace, name = %name);
-    reconcile_in(ra, ctx, namespace, name)
-        .instrument(span)
-        .await
+    reconcile_in(ra, ctx, namespace, name).instrument(span).await
 }
 
 async fn reconcile_in(
@@ -193,33 +159,23 @@ async fn reconcile_in(
     let client_secret_name = &ra.spec.client_secret_ref.name;
 
     // Read.
-    let live = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(|source| Error::ReadTokenSecret {
-            namespace: namespace.clone(),
-            name: secret_name.clone(),
-            source,
-        })?;
-    let client_secret = secrets
-        .get_opt(client_secret_name)
-        .await
-        .map_err(|source| Error::ReadClientSecret {
-            namespace: namespace.clone(),
-            name: client_secret_name.clone(),
-            source,
-        })?;
+    let live = secrets.get_opt(&secret_name).await.map_err(|source| Error::ReadTokenSecret {
+        namespace: namespace.clone(),
+        name: secret_name.clone(),
+        source,
+    })?;
+    let client_secret = secrets.get_opt(client_secret_name).await.map_err(|source| Error::ReadClientSecret {
+        namespace: namespace.clone(),
+        name: client_secret_name.clone(),
+        source,
+    })?;
 
     // Decide.
     let now = Timestamp::now();
     let observed = secret::observe(&ra, live.as_ref());
     let credentials = credentials::extract(&ra, client_secret.as_ref());
     let inputs = credentials.as_ref().ok().map(|c| c.inputs.clone());
-    let renew_before = ra
-        .spec
-        .renew_before
-        .filter(|d| !d.is_negative())
-        .map(Duration::from);
+    let renew_before = ra.spec.renew_before.filter(|d| !d.is_negative()).map(Duration::from);
     let failure = ctx.failure(&uid);
     let decision = decide::decide(decide::Inputs {
         now,
@@ -237,14 +193,11 @@ async fn reconcile_in(
         let secrets = secrets.clone();
         let (namespace, secret_name) = (namespace.clone(), secret_name.clone());
         async move {
-            secrets
-                .patch(&secret_name, &apply, &Patch::Apply(&desired))
-                .await
-                .map_err(|source| Error::ApplySecret {
-                    namespace,
-                    name: secret_name,
-                    source,
-                })
+            secrets.patch(&secret_name, &apply, &Patch::Apply(&desired)).await.map_err(|source| Error::ApplySecret {
+                namespace,
+                name: secret_name,
+                source,
+            })
         }
     };
     let (held, failure, conflict, next) = match decision {
@@ -271,7 +224,7 @@ async fn reconcile_in(
                 Observed::Held(h) => Some(h.token.clone()),
                 _ => None,
             };
-            match fetch(&ra, &ctx, credentials, now).await {
+            match fetch(&ra, &ctx, credentials.as_ref(), now).await {
                 Ok((token, inputs)) => {
                     write_secret(secret::build(&ra, &token, &inputs)).await?;
                     info!(
@@ -282,10 +235,7 @@ async fn reconcile_in(
                     );
                     ctx.set_failure(&uid, None);
                     let plan = decide::renewal(
-                        &Observed::Held(secret::HeldToken {
-                            token: token.clone(),
-                            inputs: Some(inputs),
-                        }),
+                        &Observed::Held(secret::HeldToken { token: token.clone(), inputs: Some(inputs) }),
                         renew_before,
                         &uid,
                     );
@@ -293,14 +243,10 @@ async fn reconcile_in(
                     (Some(token), None, false, next)
                 }
                 Err(problem) => {
-                    let attempts = failure
-                        .as_ref()
-                        .map(|f| f.attempts)
-                        .unwrap_or(0)
-                        .saturating_add(1);
+                    let attempts = failure.as_ref().map(|f| f.attempts).unwrap_or(0).saturating_add(1);
                     let expires_at = previous_token.as_ref().map(|t| t.expires_at);
                     let retry_at =
-                        schedule::retry_at(now, attempts, expires_at, rand::random::<f64>());
+                        schedule::retry_at(now, attempts, problem.transient, expires_at, rand::random::<f64>());
                     warn!(
                         reason = problem.reason,
                         message = %problem.message,
@@ -331,6 +277,8 @@ async fn reconcile_in(
         let jitter = schedule::jitter_from(&format!("{uid}/{}", t.expires_at));
         schedule::plan_renewal(t.issued_at, t.expires_at, renew_before, jitter)
     });
+    // A failure recorded for other inputs is stale: the next attempt uses the current ones.
+    let failure = failure.filter(|f| f.inputs == inputs);
     let status = status::build(&StatusInputs {
         now,
         generation: ra.metadata.generation,
@@ -339,6 +287,7 @@ async fn reconcile_in(
         plan,
         conflict,
         failure: failure.as_ref(),
+        upcoming: credentials.as_ref().err().map(|p| (p.reason, p.message.as_str())),
         previous: ra.status.as_ref(),
     });
     if ra.status.as_ref() != Some(&status) {
@@ -348,17 +297,9 @@ async fn reconcile_in(
             "kind": RegistryAccess::kind(&()),
             "status": status,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::ApplyStatus {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            source,
-        })?;
+        api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|source| Error::ApplyStatus { namespace: namespace.clone(), name: name.clone(), source })?;
     }
 
     // Look again at the next renewal or retry time; a token that expires meanwhile is reported.
@@ -375,15 +316,14 @@ async fn reconcile_in(
 async fn fetch(
     ra: &RegistryAccess,
     ctx: &Context,
-    credentials: Result<Credentials, credentials::Problem>,
+    credentials: Result<&Credentials, &credentials::Problem>,
     now: Timestamp,
 ) -> Result<(token::IssuedToken, String), credentials::Problem> {
-    let credentials = credentials?;
-    let url = token::token_url(&ra.spec.server, &ra.spec.realm).map_err(|message| {
-        credentials::Problem {
-            reason: status::reason::INVALID_SPEC,
-            message,
-        }
+    let credentials = credentials.map_err(Clone::clone)?;
+    let url = token::token_url(&ra.spec.server, &ra.spec.realm).map_err(|message| credentials::Problem {
+        reason: status::reason::INVALID_SPEC,
+        message,
+        transient: false,
     })?;
     let request = TokenRequest {
         token_url: &url,
@@ -392,14 +332,11 @@ async fn fetch(
         auth_method: ra.spec.client_auth_method,
         scopes: &ra.spec.scopes,
     };
-    ctx.tokens
-        .request(&request, now)
-        .await
-        .map(|t| (t, credentials.inputs))
-        .map_err(|e| credentials::Problem {
-            reason: status::reason_for(&e),
-            message: e.to_string(),
-        })
+    ctx.tokens.request(&request, now).await.map(|t| (t, credentials.inputs.clone())).map_err(|e| credentials::Problem {
+        reason: status::reason_for(&e),
+        message: e.to_string(),
+        transient: e.is_transient(),
+    })
 }
 
 /// Kubernetes API errors: retried soon, with jitter so that many objects do not retry together.

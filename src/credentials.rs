@@ -21,6 +21,8 @@ pub struct Credentials {
 pub struct Problem {
     pub reason: &'static str,
     pub message: String,
+    /// Likely to go away by itself (Keycloak down or failing).
+    pub transient: bool,
 }
 
 /// Extracts the client secret of `ra` from `secret` (the referenced Secret, if it exists).
@@ -30,35 +32,24 @@ pub fn extract(ra: &RegistryAccess, secret: Option<&Secret>) -> Result<Credentia
     let Some(secret) = secret else {
         return Err(Problem {
             reason: reason::CLIENT_SECRET_NOT_FOUND,
-            message: format!(
-                "Secret {ns}/{} named in spec.clientSecretRef does not exist",
-                r.name
-            ),
+            message: format!("Secret {ns}/{} named in spec.clientSecretRef does not exist", r.name),
+            transient: false,
         });
     };
     let missing = |what: &str| Problem {
         reason: reason::CLIENT_SECRET_KEY_MISSING,
-        message: format!(
-            "Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key",
-            r.name
-        ),
+        message: format!("Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key", r.name),
+        transient: false,
     };
-    let raw = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&r.key))
-        .ok_or_else(|| missing(&format!("has no key {:?}", r.key)))?;
-    let value = std::str::from_utf8(&raw.0)
-        .map_err(|_| missing(&format!("key {:?} is not UTF-8 text", r.key)))?;
+    let raw =
+        secret.data.as_ref().and_then(|d| d.get(&r.key)).ok_or_else(|| missing(&format!("has no key {:?}", r.key)))?;
+    let value = std::str::from_utf8(&raw.0).map_err(|_| missing(&format!("key {:?} is not UTF-8 text", r.key)))?;
     // A secret written from a file often ends in a newline that is not part of the password.
     let value = value.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         return Err(missing(&format!("key {:?} is empty", r.key)));
     }
-    Ok(Credentials {
-        client_secret: SecretString::from(value.to_owned()),
-        inputs: inputs_digest(ra, secret),
-    })
+    Ok(Credentials { client_secret: SecretString::from(value.to_owned()), inputs: inputs_digest(ra, secret) })
 }
 
 /// Digest of what the token was requested with (no secret material).
@@ -75,19 +66,12 @@ pub fn inputs_digest(ra: &RegistryAccess, secret: &Secret) -> String {
         &s.client_secret_ref.name,
         &s.client_secret_ref.key,
         secret.metadata.uid.as_deref().unwrap_or_default(),
-        secret
-            .metadata
-            .resource_version
-            .as_deref()
-            .unwrap_or_default(),
+        secret.metadata.resource_version.as_deref().unwrap_or_default(),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -108,11 +92,7 @@ mod tests {
 
     #[test]
     fn reads_the_default_key_and_trims_a_trailing_newline() {
-        let c = extract(
-            &ra(),
-            Some(&client_secret("client_secret", b"s3cret\n", "1")),
-        )
-        .unwrap();
+        let c = extract(&ra(), Some(&client_secret("client_secret", b"s3cret\n", "1"))).unwrap();
         assert_eq!(c.client_secret.expose_secret(), "s3cret");
     }
 
@@ -121,41 +101,27 @@ mod tests {
         let e = extract(&ra(), None).err().unwrap();
         assert_eq!(e.reason, reason::CLIENT_SECRET_NOT_FOUND);
         assert!(e.message.contains("billing/creds"), "{}", e.message);
-        let e = extract(&ra(), Some(&client_secret("password", b"x", "1")))
-            .err()
-            .unwrap();
+        let e = extract(&ra(), Some(&client_secret("password", b"x", "1"))).err().unwrap();
         assert_eq!(e.reason, reason::CLIENT_SECRET_KEY_MISSING);
         assert!(e.message.contains("\"client_secret\""));
-        let e = extract(&ra(), Some(&client_secret("client_secret", b"\n", "1")))
-            .err()
-            .unwrap();
+        let e = extract(&ra(), Some(&client_secret("client_secret", b"\n", "1"))).err().unwrap();
         assert!(e.message.contains("empty"));
-        let e = extract(&ra(), Some(&client_secret("client_secret", &[0xff], "1")))
-            .err()
-            .unwrap();
+        let e = extract(&ra(), Some(&client_secret("client_secret", &[0xff], "1"))).err().unwrap();
         assert!(e.message.contains("UTF-8"));
     }
 
     #[test]
     fn inputs_change_with_the_secret_version_and_the_spec() {
-        let a = extract(&ra(), Some(&client_secret("client_secret", b"x", "1")))
-            .unwrap()
-            .inputs;
-        let b = extract(&ra(), Some(&client_secret("client_secret", b"x", "2")))
-            .unwrap()
-            .inputs;
+        let a = extract(&ra(), Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
+        let b = extract(&ra(), Some(&client_secret("client_secret", b"x", "2"))).unwrap().inputs;
         assert_ne!(a, b);
         let mut other = ra();
         other.spec.scopes = vec!["email".into()];
-        let c = extract(&other, Some(&client_secret("client_secret", b"x", "1")))
-            .unwrap()
-            .inputs;
+        let c = extract(&other, Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
         assert_ne!(a, c);
         let mut same = ra();
         same.spec.registry_url = None;
-        let d = extract(&same, Some(&client_secret("client_secret", b"x", "1")))
-            .unwrap()
-            .inputs;
+        let d = extract(&same, Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
         assert_eq!(a, d, "registryUrl does not need a new token");
     }
 

@@ -74,22 +74,13 @@ pub struct Inputs<'a> {
 }
 
 /// The renewal plan for the token an object holds.
-pub fn renewal(
-    observed: &Observed,
-    renew_before: Option<Duration>,
-    jitter_seed: &str,
-) -> Option<RenewPlan> {
+pub fn renewal(observed: &Observed, renew_before: Option<Duration>, jitter_seed: &str) -> Option<RenewPlan> {
     let Observed::Held(held) = observed else {
         return None;
     };
     let t = &held.token;
     let jitter = schedule::jitter_from(&format!("{jitter_seed}/{}", t.expires_at));
-    Some(schedule::plan_renewal(
-        t.issued_at,
-        t.expires_at,
-        renew_before,
-        jitter,
-    ))
+    Some(schedule::plan_renewal(t.issued_at, t.expires_at, renew_before, jitter))
 }
 
 /// Decides whether to request a token now.
@@ -141,26 +132,11 @@ mod tests {
     }
 
     fn held(issued: i64, expires: i64, inputs: &str) -> Observed {
-        Observed::Held(HeldToken {
-            token: token(T0 + issued, T0 + expires),
-            inputs: Some(inputs.to_owned()),
-        })
+        Observed::Held(HeldToken { token: token(T0 + issued, T0 + expires), inputs: Some(inputs.to_owned()) })
     }
 
-    fn decide_at(
-        now: i64,
-        observed: &Observed,
-        inputs: Option<&str>,
-        failure: Option<&Failure>,
-    ) -> Decision {
-        decide(Inputs {
-            now: at(now),
-            observed,
-            inputs,
-            renew_before: None,
-            failure,
-            jitter_seed: "uid",
-        })
+    fn decide_at(now: i64, observed: &Observed, inputs: Option<&str>, failure: Option<&Failure>) -> Decision {
+        decide(Inputs { now: at(now), observed, inputs, renew_before: None, failure, jitter_seed: "uid" })
     }
 
     fn failure(at_s: i64, retry: i64, inputs: Option<&str>) -> Failure {
@@ -177,9 +153,7 @@ mod tests {
     #[test]
     fn waits_while_the_token_is_not_due() {
         let obs = held(0, 300, "in");
-        let Decision::Wait { until } = decide_at(10, &obs, Some("in"), None) else {
-            panic!()
-        };
+        let Decision::Wait { until } = decide_at(10, &obs, Some("in"), None) else { panic!() };
         // Renewal with a third of the lifetime left, minus at most 10 s of jitter.
         assert!(until <= at(200) && until >= at(190), "{until}");
     }
@@ -188,67 +162,37 @@ mod tests {
     fn restart_with_a_valid_token_requests_nothing() {
         // The same observation read back after a restart plans the same renewal time.
         let obs = held(0, 300, "in");
-        assert_eq!(
-            decide_at(1, &obs, Some("in"), None),
-            decide_at(150, &obs, Some("in"), None)
-        );
+        assert_eq!(decide_at(1, &obs, Some("in"), None), decide_at(150, &obs, Some("in"), None));
     }
 
     #[test]
     fn fetches_when_due() {
-        assert_eq!(
-            decide_at(200, &held(0, 300, "in"), Some("in"), None),
-            Decision::Fetch(FetchReason::Due)
-        );
-        assert_eq!(
-            decide_at(400, &held(0, 300, "in"), Some("in"), None),
-            Decision::Fetch(FetchReason::Due)
-        );
+        assert_eq!(decide_at(200, &held(0, 300, "in"), Some("in"), None), Decision::Fetch(FetchReason::Due));
+        assert_eq!(decide_at(400, &held(0, 300, "in"), Some("in"), None), Decision::Fetch(FetchReason::Due));
     }
 
     #[test]
     fn fetches_when_missing_damaged_or_inputs_changed() {
-        assert_eq!(
-            decide_at(0, &Observed::Missing, Some("in"), None),
-            Decision::Fetch(FetchReason::NoToken)
-        );
-        assert_eq!(
-            decide_at(0, &Observed::Damaged, Some("in"), None),
-            Decision::Fetch(FetchReason::Damaged)
-        );
-        assert_eq!(
-            decide_at(10, &held(0, 300, "old"), Some("new"), None),
-            Decision::Fetch(FetchReason::InputsChanged)
-        );
+        assert_eq!(decide_at(0, &Observed::Missing, Some("in"), None), Decision::Fetch(FetchReason::NoToken));
+        assert_eq!(decide_at(0, &Observed::Damaged, Some("in"), None), Decision::Fetch(FetchReason::Damaged));
+        assert_eq!(decide_at(10, &held(0, 300, "old"), Some("new"), None), Decision::Fetch(FetchReason::InputsChanged));
     }
 
     #[test]
     fn unreadable_client_secret_does_not_replace_a_valid_token() {
-        assert!(matches!(
-            decide_at(10, &held(0, 300, "old"), None, None),
-            Decision::Wait { .. }
-        ));
+        assert!(matches!(decide_at(10, &held(0, 300, "old"), None, None), Decision::Wait { .. }));
     }
 
     #[test]
     fn a_foreign_secret_is_a_conflict() {
-        assert_eq!(
-            decide_at(0, &Observed::Foreign, Some("in"), None),
-            Decision::Conflict
-        );
+        assert_eq!(decide_at(0, &Observed::Foreign, Some("in"), None), Decision::Conflict);
     }
 
     #[test]
     fn backs_off_after_a_failure_with_the_same_inputs() {
         let f = failure(200, 210, Some("in"));
-        assert_eq!(
-            decide_at(205, &held(0, 300, "in"), Some("in"), Some(&f)),
-            Decision::Wait { until: at(210) }
-        );
-        assert_eq!(
-            decide_at(210, &held(0, 300, "in"), Some("in"), Some(&f)),
-            Decision::Fetch(FetchReason::Due)
-        );
+        assert_eq!(decide_at(205, &held(0, 300, "in"), Some("in"), Some(&f)), Decision::Wait { until: at(210) });
+        assert_eq!(decide_at(210, &held(0, 300, "in"), Some("in"), Some(&f)), Decision::Fetch(FetchReason::Due));
     }
 
     #[test]
@@ -268,10 +212,7 @@ mod tests {
     #[test]
     fn backoff_wakes_up_at_expiry_to_report_it() {
         let f = failure(290, 330, Some("in"));
-        assert_eq!(
-            decide_at(295, &held(0, 300, "in"), Some("in"), Some(&f)),
-            Decision::Wait { until: at(300) }
-        );
+        assert_eq!(decide_at(295, &held(0, 300, "in"), Some("in"), Some(&f)), Decision::Wait { until: at(300) });
     }
 
     #[test]
@@ -285,9 +226,7 @@ mod tests {
             failure: None,
             jitter_seed: "uid",
         });
-        let Decision::Wait { until } = d else {
-            panic!()
-        };
+        let Decision::Wait { until } = d else { panic!() };
         assert!(until <= at(150) && until >= at(140), "{until}");
     }
 }

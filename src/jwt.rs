@@ -86,11 +86,8 @@ pub fn decode_claims(token: &str) -> Result<Claims, JwtError> {
     if payload.len() > MAX_PAYLOAD_LEN * 4 / 3 + 4 {
         return Err(JwtError::TooLarge);
     }
-    let bytes = URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|_| JwtError::Base64)?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| JwtError::Json(e.classify_message()))?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).map_err(|_| JwtError::Base64)?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| JwtError::Json(e.classify_message()))?;
     if !value.is_object() {
         return Err(JwtError::Json("the payload is not an object".to_owned()));
     }
@@ -100,13 +97,7 @@ pub fn decode_claims(token: &str) -> Result<Claims, JwtError> {
         iat: raw.iat.as_ref().and_then(NumericDate::seconds),
         realm_roles: raw
             .realm_access
-            .map(|ra| {
-                ra.roles
-                    .into_iter()
-                    .filter_map(|r| r.as_str().map(str::to_owned))
-                    .take(MAX_ROLES)
-                    .collect()
-            })
+            .map(|ra| ra.roles.into_iter().filter_map(|r| r.as_str().map(str::to_owned)).take(MAX_ROLES).collect())
             .unwrap_or_default(),
         scope: raw.scope.and_then(|s| s.as_str().map(str::to_owned)),
     })
@@ -120,12 +111,7 @@ trait ClassifyMessage {
 impl ClassifyMessage for serde_json::Error {
     fn classify_message(&self) -> String {
         // serde_json's Display may quote parts of the input; keep only category and position.
-        format!(
-            "{:?} error at line {} column {}",
-            self.classify(),
-            self.line(),
-            self.column()
-        )
+        format!("{:?} error at line {} column {}", self.classify(), self.line(), self.column())
     }
 }
 
@@ -183,12 +169,7 @@ pub(crate) mod tests {
         assert_eq!(c.realm_roles, vec!["a"]);
         assert_eq!(c.scope, None);
         assert!(decode_claims(&jwt(&serde_json::json!({"exp": "soon"}))).is_err());
-        assert!(
-            decode_claims(&jwt(&serde_json::json!({"exp": 1e300})))
-                .unwrap()
-                .exp
-                .is_none()
-        );
+        assert!(decode_claims(&jwt(&serde_json::json!({"exp": 1e300}))).unwrap().exp.is_none());
     }
 
     #[test]
@@ -196,10 +177,7 @@ pub(crate) mod tests {
         assert_eq!(decode_claims("opaque-token"), Err(JwtError::NotAJwt));
         assert_eq!(decode_claims("a.b.c.d"), Err(JwtError::NotAJwt));
         assert_eq!(decode_claims("a.!!!.c"), Err(JwtError::Base64));
-        assert!(matches!(
-            decode_claims(&format!("a.{}.c", URL_SAFE_NO_PAD.encode(b"[1,2]"))),
-            Err(JwtError::Json(_))
-        ));
+        assert!(matches!(decode_claims(&format!("a.{}.c", URL_SAFE_NO_PAD.encode(b"[1,2]"))), Err(JwtError::Json(_))));
         assert!(matches!(
             decode_claims(&format!("a.{}.c", URL_SAFE_NO_PAD.encode([0xff, 0xfe]))),
             Err(JwtError::Json(_))

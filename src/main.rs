@@ -13,10 +13,7 @@ use registry_access_operator::telemetry::{self, LogFormat};
 use registry_access_operator::token;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Keeps a fresh Keycloak access token in a Secret for every RegistryAccess"
-)]
+#[command(version, about = "Keeps a fresh Keycloak access token in a Secret for every RegistryAccess")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -109,14 +106,11 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn client(
-    kubeconfig: Option<&std::path::Path>,
-) -> Result<kube::Client, Box<dyn std::error::Error>> {
+async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Box<dyn std::error::Error>> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await?
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
         }
         None => kube::Config::infer().await?,
     };

@@ -17,8 +17,12 @@ pub const MAX_JITTER_FRACTION: f64 = 0.05;
 pub const MAX_JITTER: Duration = Duration::from_secs(10);
 /// First retry delay after a failed token request.
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(2);
-/// Longest retry delay; short, because a 300 s token leaves little room.
+/// Longest retry delay after an error that needs someone to fix something (wrong secret, bad
+/// realm); short, because a 300 s token leaves little room.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest retry delay while Keycloak is unreachable or failing: the token is recovered within
+/// seconds of Keycloak's return, and a connection refused costs Keycloak nothing.
+pub const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(10);
 /// Shortest retry delay, also while a token is about to expire.
 pub const MIN_RETRY: Duration = Duration::from_secs(1);
 
@@ -44,44 +48,36 @@ pub fn plan_renewal(
 ) -> RenewPlan {
     let lifetime = expires_at.duration_since(issued_at);
     if lifetime <= SignedDuration::ZERO {
-        return RenewPlan {
-            renew_at: issued_at,
-            renew_before: SignedDuration::ZERO,
-            fell_back: false,
-        };
+        return RenewPlan { renew_at: issued_at, renew_before: SignedDuration::ZERO, fell_back: false };
     }
     let (before, fell_back) = match renew_before.and_then(|d| SignedDuration::try_from(d).ok()) {
         Some(d) if d < lifetime => (d, false),
         Some(_) => (lifetime.mul_f64(FALLBACK_RENEW_FRACTION), true),
         None => (lifetime.mul_f64(DEFAULT_RENEW_FRACTION), false),
     };
-    let window = lifetime
-        .mul_f64(MAX_JITTER_FRACTION)
-        .min(SignedDuration::try_from(MAX_JITTER).unwrap_or(SignedDuration::ZERO));
+    let window =
+        lifetime.mul_f64(MAX_JITTER_FRACTION).min(SignedDuration::try_from(MAX_JITTER).unwrap_or(SignedDuration::ZERO));
     // Jitter never moves the renewal before the issue time.
-    let jitter = window
-        .mul_f64(jitter.clamp(0.0, 1.0))
-        .min(lifetime - before);
-    RenewPlan {
-        renew_at: expires_at - before - jitter,
-        renew_before: before,
-        fell_back,
-    }
+    let jitter = window.mul_f64(jitter.clamp(0.0, 1.0)).min(lifetime - before);
+    RenewPlan { renew_at: expires_at - before - jitter, renew_before: before, fell_back }
 }
 
 /// When to try again after the `attempts`-th failure in a row at `now`.
 ///
-/// The delay doubles from [`INITIAL_BACKOFF`] up to [`MAX_BACKOFF`], reduced by up to half by
+/// The delay doubles from [`INITIAL_BACKOFF`] up to [`MAX_BACKOFF`] ([`MAX_TRANSIENT_BACKOFF`]
+/// when Keycloak is down or failing), reduced by up to half by
 /// `jitter` in `[0, 1)`. While the current token is still valid the delay is also at most half of
 /// its remaining life, so several retries always happen before it expires.
 pub fn retry_at(
     now: Timestamp,
     attempts: u32,
+    transient: bool,
     token_expires_at: Option<Timestamp>,
     jitter: f64,
 ) -> Timestamp {
     let exp = attempts.saturating_sub(1).min(16);
-    let base = INITIAL_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF);
+    let cap = if transient { MAX_TRANSIENT_BACKOFF } else { MAX_BACKOFF };
+    let base = INITIAL_BACKOFF.saturating_mul(1u32 << exp).min(cap);
     let mut delay = base.mul_f64(1.0 - 0.5 * jitter.clamp(0.0, 1.0));
     if let Some(expires_at) = token_expires_at {
         let remaining = expires_at.duration_since(now);
@@ -143,10 +139,7 @@ mod tests {
             assert!(p.renew_at >= t(190), "jitter {j}: {}", p.renew_at);
         }
         let short = plan_renewal(t(0), t(20), None, 0.999);
-        assert!(
-            short.renew_at >= t(20 - 7 - 1) && short.renew_at <= t(14),
-            "{short:?}"
-        );
+        assert!(short.renew_at >= t(20 - 7 - 1) && short.renew_at <= t(14), "{short:?}");
     }
 
     #[test]
@@ -157,21 +150,21 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let d = |n| retry_at(t(0), n, None, 0.0).duration_since(t(0)).as_secs();
-        assert_eq!(
-            [d(1), d(2), d(3), d(4), d(5), d(6), d(7), d(100)],
-            [2, 4, 8, 16, 32, 60, 60, 60]
-        );
+        let d = |n| retry_at(t(0), n, false, None, 0.0).duration_since(t(0)).as_secs();
+        assert_eq!([d(1), d(2), d(3), d(4), d(5), d(6), d(7), d(100)], [2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
+    #[test]
+    fn keycloak_outages_are_retried_at_least_every_ten_seconds() {
+        let d = |n| retry_at(t(0), n, true, None, 0.0).duration_since(t(0)).as_secs();
+        assert_eq!([d(1), d(2), d(3), d(4), d(50)], [2, 4, 8, 10, 10]);
     }
 
     #[test]
     fn backoff_jitter_shortens_by_at_most_half() {
         for j in [0.0, 0.3, 0.99] {
-            let d = retry_at(t(0), 6, None, j).duration_since(t(0));
-            assert!(
-                d >= SignedDuration::from_secs(30) && d <= SignedDuration::from_secs(60),
-                "{d:?}"
-            );
+            let d = retry_at(t(0), 6, false, None, j).duration_since(t(0));
+            assert!(d >= SignedDuration::from_secs(30) && d <= SignedDuration::from_secs(60), "{d:?}");
         }
     }
 
@@ -182,11 +175,8 @@ mod tests {
         let expires = t(40);
         let mut tries = 0;
         while now < expires {
-            let next = retry_at(now, 10, Some(expires), 0.0);
-            assert!(
-                next <= expires || next.duration_since(now) == SignedDuration::from_secs(1),
-                "{now} -> {next}"
-            );
+            let next = retry_at(now, 10, false, Some(expires), 0.0);
+            assert!(next <= expires || next.duration_since(now) == SignedDuration::from_secs(1), "{now} -> {next}");
             now = next;
             tries += 1;
         }
@@ -195,7 +185,7 @@ mod tests {
 
     #[test]
     fn expired_tokens_retry_at_the_normal_backoff() {
-        let d = retry_at(t(100), 3, Some(t(50)), 0.0).duration_since(t(100));
+        let d = retry_at(t(100), 3, false, Some(t(50)), 0.0).duration_since(t(100));
         assert_eq!(d, SignedDuration::from_secs(8));
     }
 

@@ -66,19 +66,13 @@ pub fn build(ra: &RegistryAccess, token: &IssuedToken, inputs: &str) -> Secret {
     let template = ra.spec.secret.clone().unwrap_or_default();
     let mut labels = template.labels;
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGER.to_owned());
-    let mut annotations: BTreeMap<String, String> = template
-        .annotations
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
-        .collect();
+    let mut annotations: BTreeMap<String, String> =
+        template.annotations.into_iter().filter(|(k, _)| !k.starts_with(RESERVED_PREFIX)).collect();
     let access_token = token.access_token.expose_secret();
     annotations.insert(EXPIRES_AT_ANNOTATION.to_owned(), rfc3339(token.expires_at));
     annotations.insert(ISSUED_AT_ANNOTATION.to_owned(), rfc3339(token.issued_at));
     annotations.insert(INPUTS_ANNOTATION.to_owned(), inputs.to_owned());
-    annotations.insert(
-        TOKEN_DIGEST_ANNOTATION.to_owned(),
-        token_digest(access_token),
-    );
+    annotations.insert(TOKEN_DIGEST_ANNOTATION.to_owned(), token_digest(access_token));
     if let Some(scope) = &token.scope {
         annotations.insert(SCOPE_ANNOTATION.to_owned(), scope.clone());
     }
@@ -113,10 +107,8 @@ pub fn observe(ra: &RegistryAccess, live: Option<&Secret>) -> Observed {
     let Some(live) = live else {
         return Observed::Missing;
     };
-    let controlled = live
-        .owner_references()
-        .iter()
-        .any(|o| o.controller == Some(true) && Some(&o.uid) == ra.metadata.uid.as_ref());
+    let controlled =
+        live.owner_references().iter().any(|o| o.controller == Some(true) && Some(&o.uid) == ra.metadata.uid.as_ref());
     if !controlled {
         return Observed::Foreign;
     }
@@ -130,9 +122,7 @@ fn read_token(live: &Secret) -> Option<HeldToken> {
     let annotations = live.metadata.annotations.as_ref()?;
     let data = live.data.as_ref()?;
     let access_token = std::str::from_utf8(&data.get(KEY_ACCESS_TOKEN)?.0).ok()?;
-    if access_token.is_empty()
-        || annotations.get(TOKEN_DIGEST_ANNOTATION)? != &token_digest(access_token)
-    {
+    if access_token.is_empty() || annotations.get(TOKEN_DIGEST_ANNOTATION)? != &token_digest(access_token) {
         return None;
     }
     let expires_at: Timestamp = annotations.get(EXPIRES_AT_ANNOTATION)?.parse().ok()?;
@@ -153,8 +143,7 @@ fn read_token(live: &Secret) -> Option<HeldToken> {
 /// True when `live` differs from `desired` in anything the operator sets, so it must be applied
 /// again (for example after someone edited a key or a label, or the spec's registryUrl changed).
 pub fn needs_apply(desired: &Secret, live: &Secret) -> bool {
-    let subset = |want: &Option<BTreeMap<String, String>>,
-                  have: &Option<BTreeMap<String, String>>| {
+    let subset = |want: &Option<BTreeMap<String, String>>, have: &Option<BTreeMap<String, String>>| {
         let empty = BTreeMap::new();
         let have = have.as_ref().unwrap_or(&empty);
         want.iter().flatten().all(|(k, v)| have.get(k) == Some(v))
@@ -163,12 +152,7 @@ pub fn needs_apply(desired: &Secret, live: &Secret) -> bool {
         || desired.type_ != live.type_
         || !subset(&desired.metadata.labels, &live.metadata.labels)
         || !subset(&desired.metadata.annotations, &live.metadata.annotations)
-        || desired
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| !live.owner_references().contains(o))
+        || desired.metadata.owner_references.iter().flatten().any(|o| !live.owner_references().contains(o))
 }
 
 /// A hex SHA-256 prefix of the token: enough to notice an edit, useless to recover the token.
@@ -203,9 +187,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn token(issued: i64, expires: i64) -> IssuedToken {
-        let raw = jwt(
-            &serde_json::json!({"exp": expires, "realm_access": {"roles": ["trembita-invoker"]}}),
-        );
+        let raw = jwt(&serde_json::json!({"exp": expires, "realm_access": {"roles": ["trembita-invoker"]}}));
         IssuedToken {
             access_token: SecretString::from(raw),
             issued_at: Timestamp::from_second(issued).unwrap(),
@@ -232,14 +214,8 @@ pub(crate) mod tests {
         assert_eq!(value(&s, "token_type"), "Bearer");
         assert_eq!(value(&s, "authorization"), format!("Bearer {tok}"));
         assert_eq!(value(&s, "expires_at"), "2023-11-14T22:18:20Z");
-        assert_eq!(
-            value(&s, "registry_url"),
-            "https://registry.example.com/api/gateway"
-        );
-        assert_eq!(
-            s.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL],
-            MANAGER
-        );
+        assert_eq!(value(&s, "registry_url"), "https://registry.example.com/api/gateway");
+        assert_eq!(s.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL], MANAGER);
         let ann = s.metadata.annotations.as_ref().unwrap();
         assert_eq!(ann[EXPIRES_AT_ANNOTATION], "2023-11-14T22:18:20Z");
         assert_eq!(ann[INPUTS_ANNOTATION], "inputs-1");
@@ -256,24 +232,14 @@ pub(crate) mod tests {
         ra.spec.registry_url = None;
         ra.spec.secret = Some(SecretTemplate {
             name: None,
-            labels: [
-                ("team".to_owned(), "billing".to_owned()),
-                (MANAGED_BY_LABEL.to_owned(), "me".to_owned()),
-            ]
-            .into(),
-            annotations: [
-                ("note".to_owned(), "x".to_owned()),
-                (EXPIRES_AT_ANNOTATION.to_owned(), "never".to_owned()),
-            ]
-            .into(),
+            labels: [("team".to_owned(), "billing".to_owned()), (MANAGED_BY_LABEL.to_owned(), "me".to_owned())].into(),
+            annotations: [("note".to_owned(), "x".to_owned()), (EXPIRES_AT_ANNOTATION.to_owned(), "never".to_owned())]
+                .into(),
         });
         let s = build(&ra, &token(0, 300), "i");
         assert!(!s.data.as_ref().unwrap().contains_key("registry_url"));
         let labels = s.metadata.labels.as_ref().unwrap();
-        assert_eq!(
-            (labels["team"].as_str(), labels[MANAGED_BY_LABEL].as_str()),
-            ("billing", MANAGER)
-        );
+        assert_eq!((labels["team"].as_str(), labels[MANAGED_BY_LABEL].as_str()), ("billing", MANAGER));
         let ann = s.metadata.annotations.as_ref().unwrap();
         assert_eq!(ann["note"], "x");
         assert_eq!(ann[EXPIRES_AT_ANNOTATION], "1970-01-01T00:05:00Z");
@@ -283,9 +249,7 @@ pub(crate) mod tests {
     fn reads_back_what_it_wrote() {
         let ra = ra();
         let s = build(&ra, &token(1_700_000_000, 1_700_000_300), "inputs-1");
-        let Observed::Held(held) = observe(&ra, Some(&s)) else {
-            panic!("not held")
-        };
+        let Observed::Held(held) = observe(&ra, Some(&s)) else { panic!("not held") };
         assert_eq!(held.token.expires_at.as_second(), 1_700_000_300);
         assert_eq!(held.token.issued_at.as_second(), 1_700_000_000);
         assert_eq!(held.token.realm_roles, vec!["trembita-invoker"]);
@@ -312,19 +276,11 @@ pub(crate) mod tests {
         let ra = ra();
         let desired = build(&ra, &token(0, 300), "i");
         let mut edited = desired.clone();
-        edited
-            .data
-            .as_mut()
-            .unwrap()
-            .insert(KEY_ACCESS_TOKEN.into(), ByteString(b"forged".to_vec()));
+        edited.data.as_mut().unwrap().insert(KEY_ACCESS_TOKEN.into(), ByteString(b"forged".to_vec()));
         assert!(matches!(observe(&ra, Some(&edited)), Observed::Damaged));
 
         let mut edited = desired.clone();
-        edited
-            .data
-            .as_mut()
-            .unwrap()
-            .insert(KEY_AUTHORIZATION.into(), ByteString(b"Bearer x".to_vec()));
+        edited.data.as_mut().unwrap().insert(KEY_AUTHORIZATION.into(), ByteString(b"Bearer x".to_vec()));
         assert!(matches!(observe(&ra, Some(&edited)), Observed::Held(_)));
         assert!(needs_apply(&desired, &edited));
 
@@ -333,21 +289,11 @@ pub(crate) mod tests {
         assert!(needs_apply(&desired, &relabeled));
 
         let mut extra = desired.clone();
-        extra
-            .metadata
-            .labels
-            .as_mut()
-            .unwrap()
-            .insert("added-by-user".into(), "y".into());
+        extra.metadata.labels.as_mut().unwrap().insert("added-by-user".into(), "y".into());
         assert!(!needs_apply(&desired, &extra));
 
         let mut stripped = desired.clone();
-        stripped
-            .metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .remove(EXPIRES_AT_ANNOTATION);
+        stripped.metadata.annotations.as_mut().unwrap().remove(EXPIRES_AT_ANNOTATION);
         assert!(matches!(observe(&ra, Some(&stripped)), Observed::Damaged));
     }
 

@@ -37,9 +37,9 @@ pub mod reason {
 /// The condition reason for a failed token request.
 pub fn reason_for(e: &TokenError) -> &'static str {
     match e {
-        TokenError::Connect { .. }
-        | TokenError::Timeout { .. }
-        | TokenError::ServerError { .. } => reason::KEYCLOAK_UNAVAILABLE,
+        TokenError::Connect { .. } | TokenError::Timeout { .. } | TokenError::ServerError { .. } => {
+            reason::KEYCLOAK_UNAVAILABLE
+        }
         TokenError::Tls { .. } => reason::TLS_ERROR,
         TokenError::Redirect { .. } => reason::UNEXPECTED_REDIRECT,
         TokenError::InvalidClient { .. } => reason::INVALID_CLIENT_CREDENTIALS,
@@ -47,9 +47,7 @@ pub fn reason_for(e: &TokenError) -> &'static str {
         TokenError::InvalidScope { .. } => reason::INVALID_SCOPE,
         TokenError::NotFound { .. } => reason::REALM_NOT_FOUND,
         TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
-        TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => {
-            reason::INVALID_TOKEN_RESPONSE
-        }
+        TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => reason::INVALID_TOKEN_RESPONSE,
     }
 }
 
@@ -63,28 +61,20 @@ pub struct StatusInputs<'a> {
     pub plan: Option<RenewPlan>,
     pub conflict: bool,
     pub failure: Option<&'a Failure>,
+    /// A problem that will make the next refresh fail (e.g. the client Secret is gone) while the
+    /// current token is still good: reported as Degraded before it bites.
+    pub upcoming: Option<(&'static str, &'a str)>,
     pub previous: Option<&'a RegistryAccessStatus>,
 }
 
 /// Builds the status. Conditions keep their lastTransitionTime while their status is unchanged.
 pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
-    let previous = i
-        .previous
-        .map(|p| p.conditions.as_slice())
-        .unwrap_or_default();
+    let previous = i.previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let valid = i.token.filter(|t| t.expires_at > i.now);
     let (ready, ready_reason, ready_message) = if i.conflict {
-        (
-            false,
-            reason::SECRET_CONFLICT,
-            conflict_message(i.secret_name),
-        )
+        (false, reason::SECRET_CONFLICT, conflict_message(i.secret_name))
     } else if let Some(t) = valid {
-        let mut m = format!(
-            "Secret {} holds a token valid until {}",
-            i.secret_name,
-            rfc3339(t.expires_at)
-        );
+        let mut m = format!("Secret {} holds a token valid until {}", i.secret_name, rfc3339(t.expires_at));
         if let Some(p) = &i.plan {
             m.push_str(&format!("; next refresh at {}", rfc3339(p.renew_at)));
             if p.fell_back {
@@ -96,11 +86,7 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
         }
         (true, reason::TOKEN_VALID, m)
     } else if let Some(t) = i.token {
-        let mut m = format!(
-            "the token in Secret {} expired at {}",
-            i.secret_name,
-            rfc3339(t.expires_at)
-        );
+        let mut m = format!("the token in Secret {} expired at {}", i.secret_name, rfc3339(t.expires_at));
         if let Some(f) = i.failure {
             m.push_str(&format!("; refreshing fails: {}", f.message));
         }
@@ -108,53 +94,30 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
     } else if let Some(f) = i.failure {
         (false, f.reason, f.message.clone())
     } else {
-        (
-            false,
-            reason::ISSUING,
-            "requesting the first token".to_owned(),
-        )
+        (false, reason::ISSUING, "requesting the first token".to_owned())
     };
     let (degraded, degraded_reason, degraded_message) = match (i.failure, i.conflict) {
-        (_, true) => (
-            true,
-            reason::SECRET_CONFLICT,
-            conflict_message(i.secret_name),
-        ),
+        (_, true) => (true, reason::SECRET_CONFLICT, conflict_message(i.secret_name)),
         (Some(f), _) => (
             true,
             f.reason,
-            format!(
-                "{} (failed {} time(s) in a row; next attempt at {})",
-                f.message,
-                f.attempts,
-                rfc3339(f.retry_at)
-            ),
+            format!("{} (failed {} time(s) in a row; next attempt at {})", f.message, f.attempts, rfc3339(f.retry_at)),
         ),
-        (None, _) => (
-            false,
-            reason::REFRESH_SUCCEEDED,
-            "the last token request succeeded".to_owned(),
-        ),
+        (None, _) if i.upcoming.is_some() => {
+            let (reason, message) = i.upcoming.unwrap_or_default();
+            (
+                true,
+                reason,
+                format!(
+                    "{message}; the current token stays in place, but the next refresh will fail unless this is fixed"
+                ),
+            )
+        }
+        (None, _) => (false, reason::REFRESH_SUCCEEDED, "the last token request succeeded".to_owned()),
     };
     let conditions = vec![
-        condition(
-            previous,
-            READY,
-            ready,
-            ready_reason,
-            ready_message,
-            i.generation,
-            i.now,
-        ),
-        condition(
-            previous,
-            DEGRADED,
-            degraded,
-            degraded_reason,
-            degraded_message,
-            i.generation,
-            i.now,
-        ),
+        condition(previous, READY, ready, ready_reason, ready_message, i.generation, i.now),
+        condition(previous, DEGRADED, degraded, degraded_reason, degraded_message, i.generation, i.now),
     ];
     RegistryAccessStatus {
         observed_generation: i.generation,
@@ -226,11 +189,7 @@ mod tests {
         Timestamp::from_second(T0 + s).unwrap()
     }
 
-    fn inputs<'a>(
-        now: i64,
-        token: Option<&'a IssuedToken>,
-        failure: Option<&'a Failure>,
-    ) -> StatusInputs<'a> {
+    fn inputs<'a>(now: i64, token: Option<&'a IssuedToken>, failure: Option<&'a Failure>) -> StatusInputs<'a> {
         StatusInputs {
             now: at(now),
             generation: Some(3),
@@ -239,6 +198,7 @@ mod tests {
             plan: token.map(|t| plan_renewal(t.issued_at, t.expires_at, None, 0.0)),
             conflict: false,
             failure,
+            upcoming: None,
             previous: None,
         }
     }
@@ -303,15 +263,23 @@ mod tests {
         let s = build(&inputs(0, None, Some(&f)));
         assert_eq!(
             cond(&s, READY),
-            (
-                "False",
-                reason::CLIENT_SECRET_NOT_FOUND,
-                "Keycloak rejected the client credentials"
-            )
+            ("False", reason::CLIENT_SECRET_NOT_FOUND, "Keycloak rejected the client credentials")
         );
         let s = build(&inputs(0, None, None));
         assert_eq!(cond(&s, READY).1, reason::ISSUING);
         assert!(s.expires_at.is_none() && s.renew_at.is_none());
+    }
+
+    #[test]
+    fn an_unusable_client_secret_is_reported_before_the_refresh_fails() {
+        let t = token(T0, T0 + 300);
+        let mut i = inputs(10, Some(&t), None);
+        i.upcoming = Some((reason::CLIENT_SECRET_NOT_FOUND, "Secret billing/creds does not exist"));
+        let s = build(&i);
+        assert_eq!(cond(&s, READY).0, "True");
+        assert_eq!(cond(&s, DEGRADED).0, "True");
+        assert_eq!(cond(&s, DEGRADED).1, reason::CLIENT_SECRET_NOT_FOUND);
+        assert!(cond(&s, DEGRADED).2.contains("next refresh will fail"));
     }
 
     #[test]
@@ -328,18 +296,9 @@ mod tests {
     fn fallback_is_said_in_the_status() {
         let t = token(T0, T0 + 300);
         let mut i = inputs(10, Some(&t), None);
-        i.plan = Some(plan_renewal(
-            t.issued_at,
-            t.expires_at,
-            Some(std::time::Duration::from_secs(400)),
-            0.0,
-        ));
+        i.plan = Some(plan_renewal(t.issued_at, t.expires_at, Some(std::time::Duration::from_secs(400)), 0.0));
         let s = build(&i);
-        assert!(
-            cond(&s, READY).2.contains("half the lifetime"),
-            "{}",
-            cond(&s, READY).2
-        );
+        assert!(cond(&s, READY).2.contains("half the lifetime"), "{}", cond(&s, READY).2);
         assert_eq!(s.renew_at, Some(Time(at(150))));
     }
 
@@ -350,22 +309,13 @@ mod tests {
         let mut i = inputs(100, Some(&t), None);
         i.previous = Some(&first);
         let second = build(&i);
-        assert_eq!(
-            find(&second, READY).unwrap().last_transition_time,
-            Time(at(10))
-        );
+        assert_eq!(find(&second, READY).unwrap().last_transition_time, Time(at(10)));
         let f = failure(reason::KEYCLOAK_UNAVAILABLE);
         let mut i = inputs(120, Some(&t), Some(&f));
         i.previous = Some(&second);
         let third = build(&i);
-        assert_eq!(
-            find(&third, READY).unwrap().last_transition_time,
-            Time(at(10))
-        );
-        assert_eq!(
-            find(&third, DEGRADED).unwrap().last_transition_time,
-            Time(at(120))
-        );
+        assert_eq!(find(&third, READY).unwrap().last_transition_time, Time(at(10)));
+        assert_eq!(find(&third, DEGRADED).unwrap().last_transition_time, Time(at(120)));
     }
 
     #[test]

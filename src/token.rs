@@ -74,39 +74,17 @@ pub enum TokenError {
     #[error(
         "Keycloak answered {status} with a redirect to {location:?}; redirects are not followed for token requests"
     )]
-    Redirect {
-        status: u16,
-        location: Option<String>,
-    },
+    Redirect { status: u16, location: Option<String> },
     #[error("Keycloak rejected the client credentials ({status} {error}{}): check clientId and the client secret", describe(.description))]
-    InvalidClient {
-        status: u16,
-        error: String,
-        description: Option<String>,
-    },
+    InvalidClient { status: u16, error: String, description: Option<String> },
     #[error("the client may not use the client_credentials grant ({status} {error}{}): enable service accounts for the client in Keycloak", describe(.description))]
-    ServiceAccountsDisabled {
-        status: u16,
-        error: String,
-        description: Option<String>,
-    },
+    ServiceAccountsDisabled { status: u16, error: String, description: Option<String> },
     #[error("Keycloak rejected the requested scope ({status} {error}{}): check spec.scopes", describe(.description))]
-    InvalidScope {
-        status: u16,
-        error: String,
-        description: Option<String>,
-    },
+    InvalidScope { status: u16, error: String, description: Option<String> },
     #[error("the token endpoint {url} does not exist (404{}): check spec.server and spec.realm", describe(.description))]
-    NotFound {
-        url: String,
-        description: Option<String>,
-    },
+    NotFound { url: String, description: Option<String> },
     #[error("Keycloak rejected the token request ({status} {error}{})", describe(.description))]
-    Rejected {
-        status: u16,
-        error: String,
-        description: Option<String>,
-    },
+    Rejected { status: u16, error: String, description: Option<String> },
     #[error("the token response is larger than {MAX_RESPONSE_BYTES} bytes")]
     ResponseTooLarge,
     #[error("the token response is invalid: {0}")]
@@ -114,19 +92,13 @@ pub enum TokenError {
 }
 
 fn describe(description: &Option<String>) -> String {
-    description
-        .as_ref()
-        .map(|d| format!(": {d}"))
-        .unwrap_or_default()
+    description.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
 }
 
 impl TokenError {
     /// True when the cause is likely to go away by itself (the server is down or busy).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Connect { .. } | Self::Timeout { .. } | Self::ServerError { .. }
-        )
+        matches!(self, Self::Connect { .. } | Self::Timeout { .. } | Self::ServerError { .. })
     }
 }
 
@@ -139,10 +111,7 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-        }
+        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, request_timeout: DEFAULT_REQUEST_TIMEOUT }
     }
 }
 
@@ -167,39 +136,28 @@ impl TokenClient {
             .timeout(config.request_timeout)
             // A redirect could carry the client secret to another host.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!(
-                "registry-access-operator/",
-                env!("CARGO_PKG_VERSION")
-            ))
+            .user_agent(concat!("registry-access-operator/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self { http, config })
     }
 
     /// Requests a token with the client_credentials grant. `now` is when the request is sent:
     /// `expires_in` counts from then, which errs on the early side.
-    pub async fn request(
-        &self,
-        req: &TokenRequest<'_>,
-        now: Timestamp,
-    ) -> Result<IssuedToken, TokenError> {
+    pub async fn request(&self, req: &TokenRequest<'_>, now: Timestamp) -> Result<IssuedToken, TokenError> {
         let url = req.token_url.as_str().to_owned();
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         let scope = req.scopes.join(" ");
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        let mut builder = self
-            .http
-            .post(req.token_url.clone())
-            .header(ACCEPT, "application/json");
+        let mut builder = self.http.post(req.token_url.clone()).header(ACCEPT, "application/json");
         match req.auth_method {
             ClientAuthMethod::ClientSecretPost => {
                 form.push(("client_id", req.client_id));
                 form.push(("client_secret", req.client_secret.expose_secret()));
             }
             ClientAuthMethod::ClientSecretBasic => {
-                builder =
-                    builder.header(AUTHORIZATION, basic_auth(req.client_id, req.client_secret)?);
+                builder = builder.header(AUTHORIZATION, basic_auth(req.client_id, req.client_secret)?);
             }
         }
         let body = serde_urlencoded_form(&form);
@@ -210,11 +168,8 @@ impl TokenClient {
             .await
             .map_err(|e| self.send_error(&url, e))?;
         let status = response.status();
-        let location = response
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let location =
+            response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = read_limited(response).await.map_err(|e| match e {
             ReadError::TooLarge => TokenError::ResponseTooLarge,
             ReadError::Http(e) => self.send_error(&url, e),
@@ -227,25 +182,13 @@ impl TokenClient {
 
     fn send_error(&self, url: &str, e: reqwest::Error) -> TokenError {
         if e.is_timeout() {
-            return TokenError::Timeout {
-                url: url.to_owned(),
-                timeout: self.config.request_timeout,
-            };
+            return TokenError::Timeout { url: url.to_owned(), timeout: self.config.request_timeout };
         }
         let chain = error_chain(&e);
-        if has_source::<rustls::Error>(&e)
-            || chain.contains("certificate")
-            || chain.contains("InvalidCertificate")
-        {
-            return TokenError::Tls {
-                url: url.to_owned(),
-                cause: chain,
-            };
+        if has_source::<rustls::Error>(&e) || chain.contains("certificate") || chain.contains("InvalidCertificate") {
+            return TokenError::Tls { url: url.to_owned(), cause: chain };
         }
-        TokenError::Connect {
-            url: url.to_owned(),
-            cause: chain,
-        }
+        TokenError::Connect { url: url.to_owned(), cause: chain }
     }
 }
 
@@ -253,18 +196,14 @@ impl TokenClient {
 fn basic_auth(client_id: &str, secret: &SecretString) -> Result<HeaderValue, TokenError> {
     let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let raw = format!("{}:{}", enc(client_id), enc(secret.expose_secret()));
-    let mut value =
-        HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(raw))).map_err(|_| {
-            TokenError::InvalidResponse("cannot build the Basic authorization header".into())
-        })?;
+    let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(raw)))
+        .map_err(|_| TokenError::InvalidResponse("cannot build the Basic authorization header".into()))?;
     value.set_sensitive(true);
     Ok(value)
 }
 
 fn serde_urlencoded_form(pairs: &[(&str, &str)]) -> String {
-    form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish()
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
 
 enum ReadError {
@@ -274,10 +213,7 @@ enum ReadError {
 
 /// Reads the body, refusing to buffer more than [`MAX_RESPONSE_BYTES`].
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ReadError> {
-    if response
-        .content_length()
-        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
-    {
+    if response.content_length().is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
         return Err(ReadError::TooLarge);
     }
     let mut body = Vec::new();
@@ -319,9 +255,7 @@ pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenEr
         return Err(invalid("access_token is empty"));
     }
     if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
-            "access_token contains characters not allowed in an HTTP header",
-        ));
+        return Err(invalid("access_token contains characters not allowed in an HTTP header"));
     }
     match &raw.token_type {
         None => {}
@@ -332,17 +266,16 @@ pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenEr
     let claims = jwt::decode_claims(&access_token).ok();
     let expires_at = match raw.expires_in {
         Some(v) => {
-            let secs = expires_in_seconds(&v)
-                .ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?;
-            now.checked_add(SignedDuration::from_secs(secs))
-                .map_err(|_| invalid("expires_in is out of range"))?
+            let secs =
+                expires_in_seconds(&v).ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?;
+            now.checked_add(SignedDuration::from_secs(secs)).map_err(|_| invalid("expires_in is out of range"))?
         }
         None => {
-            let exp = claims.as_ref().and_then(|c| c.exp).ok_or_else(|| {
-                invalid("neither expires_in nor the token's exp claim gives the expiry")
-            })?;
-            Timestamp::from_second(exp)
-                .map_err(|_| invalid("the token's exp claim is out of range"))?
+            let exp = claims
+                .as_ref()
+                .and_then(|c| c.exp)
+                .ok_or_else(|| invalid("neither expires_in nor the token's exp claim gives the expiry"))?;
+            Timestamp::from_second(exp).map_err(|_| invalid("the token's exp claim is out of range"))?
         }
     };
     if expires_at <= now {
@@ -363,11 +296,9 @@ pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenEr
 
 fn expires_in_seconds(v: &serde_json::Value) -> Option<i64> {
     let secs = match v {
-        serde_json::Value::Number(n) => n.as_i64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
-                .map(|f| f as i64)
-        })?,
+        serde_json::Value::Number(n) => {
+            n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as i64))?
+        }
         // Some servers send the number as a string.
         serde_json::Value::String(s) => s.trim().parse().ok()?,
         _ => return None,
@@ -384,70 +315,34 @@ struct OAuthError {
 }
 
 /// Names the failure of a non-2xx token response.
-pub fn classify_failure(
-    status: StatusCode,
-    url: &str,
-    body: &[u8],
-    location: Option<String>,
-) -> TokenError {
+pub fn classify_failure(status: StatusCode, url: &str, body: &[u8], location: Option<String>) -> TokenError {
     let code = status.as_u16();
     if status.is_redirection() {
-        return TokenError::Redirect {
-            status: code,
-            location,
-        };
+        return TokenError::Redirect { status: code, location };
     }
     if status.is_server_error() {
-        return TokenError::ServerError {
-            url: url.to_owned(),
-            status: code,
-        };
+        return TokenError::ServerError { url: url.to_owned(), status: code };
     }
     let parsed: OAuthError = serde_json::from_slice(body).unwrap_or_default();
-    let error = parsed
-        .error
-        .map(|e| sanitize(&e))
-        .unwrap_or_else(|| "no OAuth2 error code".to_owned());
+    let error = parsed.error.map(|e| sanitize(&e)).unwrap_or_else(|| "no OAuth2 error code".to_owned());
     let description = parsed.error_description.map(|d| sanitize(&d));
-    let service_account = description
-        .as_deref()
-        .is_some_and(|d| d.to_ascii_lowercase().contains("service account"));
+    let service_account = description.as_deref().is_some_and(|d| d.to_ascii_lowercase().contains("service account"));
     match (code, error.as_str()) {
-        (404, _) => TokenError::NotFound {
-            url: url.to_owned(),
-            description: description.or(Some(error)),
-        },
+        (404, _) => TokenError::NotFound { url: url.to_owned(), description: description.or(Some(error)) },
         (400 | 401, "unauthorized_client") if service_account => {
-            TokenError::ServiceAccountsDisabled {
-                status: code,
-                error,
-                description,
-            }
+            TokenError::ServiceAccountsDisabled { status: code, error, description }
         }
-        (400 | 401, "invalid_client" | "unauthorized_client") => TokenError::InvalidClient {
-            status: code,
-            error,
-            description,
-        },
-        (400, "invalid_scope") => TokenError::InvalidScope {
-            status: code,
-            error,
-            description,
-        },
-        _ => TokenError::Rejected {
-            status: code,
-            error,
-            description,
-        },
+        (400 | 401, "invalid_client" | "unauthorized_client") => {
+            TokenError::InvalidClient { status: code, error, description }
+        }
+        (400, "invalid_scope") => TokenError::InvalidScope { status: code, error, description },
+        _ => TokenError::Rejected { status: code, error, description },
     }
 }
 
 /// Keeps an error text from Keycloak short and printable.
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_DESCRIPTION_CHARS)
-        .collect()
+    s.chars().filter(|c| !c.is_control()).take(MAX_DESCRIPTION_CHARS).collect()
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -484,10 +379,13 @@ pub fn token_url(server: &str, realm: &str) -> Result<Url, String> {
     if url.query().is_some() || url.fragment().is_some() {
         return Err("spec.server must not contain a query or fragment".into());
     }
-    url.path_segments_mut()
-        .map_err(|_| "spec.server cannot be a base URL".to_owned())?
-        .pop_if_empty()
-        .extend(["realms", realm, "protocol", "openid-connect", "token"]);
+    url.path_segments_mut().map_err(|_| "spec.server cannot be a base URL".to_owned())?.pop_if_empty().extend([
+        "realms",
+        realm,
+        "protocol",
+        "openid-connect",
+        "token",
+    ]);
     Ok(url)
 }
 
@@ -503,9 +401,7 @@ mod tests {
     #[test]
     fn token_url_with_and_without_auth_context_path() {
         assert_eq!(
-            token_url("https://kc.example.com/auth", "consent-01-external-system")
-                .unwrap()
-                .as_str(),
+            token_url("https://kc.example.com/auth", "consent-01-external-system").unwrap().as_str(),
             "https://kc.example.com/auth/realms/consent-01-external-system/protocol/openid-connect/token"
         );
         assert_eq!(
@@ -513,16 +409,10 @@ mod tests {
             "https://kc.example.com/realms/r/protocol/openid-connect/token"
         );
         assert_eq!(
-            token_url("http://127.0.0.1:8080/auth/", "a b/c")
-                .unwrap()
-                .as_str(),
+            token_url("http://127.0.0.1:8080/auth/", "a b/c").unwrap().as_str(),
             "http://127.0.0.1:8080/auth/realms/a%20b%2Fc/protocol/openid-connect/token"
         );
-        assert!(
-            token_url("https://user:pw@kc.example.com", "r")
-                .unwrap_err()
-                .contains("user information")
-        );
+        assert!(token_url("https://user:pw@kc.example.com", "r").unwrap_err().contains("user information"));
         assert!(token_url("ftp://kc.example.com", "r").is_err());
         assert!(token_url("kc.example.com", "r").is_err());
     }
@@ -538,8 +428,7 @@ mod tests {
     #[test]
     fn expiry_falls_back_to_the_jwt_exp() {
         let exp = now().as_second() + 120;
-        let token =
-            jwt(&serde_json::json!({"exp": exp, "realm_access": {"roles": ["trembita-invoker"]}}));
+        let token = jwt(&serde_json::json!({"exp": exp, "realm_access": {"roles": ["trembita-invoker"]}}));
         let body = serde_json::json!({"access_token": token, "token_type": "bearer"});
         let t = parse_success(body.to_string().as_bytes(), now()).unwrap();
         assert_eq!(t.expires_at.as_second(), exp);
@@ -560,22 +449,13 @@ mod tests {
             (r#"{"expires_in": 300}"#, "access_token is missing"),
             (r#"{"access_token": 5, "expires_in": 300}"#, "not a string"),
             (r#"{"access_token": "", "expires_in": 300}"#, "empty"),
-            (
-                r#"{"access_token": "a\nb", "expires_in": 300}"#,
-                "HTTP header",
-            ),
+            (r#"{"access_token": "a\nb", "expires_in": 300}"#, "HTTP header"),
             (r#"{"access_token": "a", "expires_in": -5}"#, "positive"),
             (r#"{"access_token": "a", "expires_in": "x"}"#, "positive"),
-            (
-                r#"{"access_token": "a", "expires_in": 300, "token_type": "DPoP"}"#,
-                "not Bearer",
-            ),
+            (r#"{"access_token": "a", "expires_in": 300, "token_type": "DPoP"}"#, "not Bearer"),
         ] {
             let err = parse_success(body.as_bytes(), now()).unwrap_err();
-            assert!(
-                matches!(err, TokenError::InvalidResponse(_)),
-                "{body}: {err:?}"
-            );
+            assert!(matches!(err, TokenError::InvalidResponse(_)), "{body}: {err:?}");
             assert!(err.to_string().contains(why), "{body}: {err}");
         }
     }
@@ -583,24 +463,13 @@ mod tests {
     #[test]
     fn classifies_keycloak_errors() {
         let c = |status: u16, body: &str| {
-            classify_failure(
-                StatusCode::from_u16(status).unwrap(),
-                "u",
-                body.as_bytes(),
-                None,
-            )
+            classify_failure(StatusCode::from_u16(status).unwrap(), "u", body.as_bytes(), None)
         };
         assert!(matches!(
-            c(
-                401,
-                r#"{"error":"invalid_client","error_description":"Invalid client or Invalid client credentials"}"#
-            ),
+            c(401, r#"{"error":"invalid_client","error_description":"Invalid client or Invalid client credentials"}"#),
             TokenError::InvalidClient { status: 401, .. }
         ));
-        assert!(matches!(
-            c(400, r#"{"error":"unauthorized_client"}"#),
-            TokenError::InvalidClient { status: 400, .. }
-        ));
+        assert!(matches!(c(400, r#"{"error":"unauthorized_client"}"#), TokenError::InvalidClient { status: 400, .. }));
         assert!(matches!(
             c(
                 401,
@@ -608,47 +477,21 @@ mod tests {
             ),
             TokenError::ServiceAccountsDisabled { .. }
         ));
-        assert!(matches!(
-            c(400, r#"{"error":"invalid_scope"}"#),
-            TokenError::InvalidScope { .. }
-        ));
-        assert!(matches!(
-            c(404, r#"{"error":"Realm does not exist"}"#),
-            TokenError::NotFound { .. }
-        ));
-        assert!(matches!(
-            c(503, "busy"),
-            TokenError::ServerError { status: 503, .. }
-        ));
+        assert!(matches!(c(400, r#"{"error":"invalid_scope"}"#), TokenError::InvalidScope { .. }));
+        assert!(matches!(c(404, r#"{"error":"Realm does not exist"}"#), TokenError::NotFound { .. }));
+        assert!(matches!(c(503, "busy"), TokenError::ServerError { status: 503, .. }));
         assert!(c(503, "").is_transient());
         assert!(!c(401, "{}").is_transient());
-        assert!(matches!(
-            c(302, ""),
-            TokenError::Redirect { status: 302, .. }
-        ));
-        assert!(matches!(
-            c(403, "<html>"),
-            TokenError::Rejected { status: 403, .. }
-        ));
+        assert!(matches!(c(302, ""), TokenError::Redirect { status: 302, .. }));
+        assert!(matches!(c(403, "<html>"), TokenError::Rejected { status: 403, .. }));
     }
 
     #[test]
     fn keycloak_descriptions_are_cut_and_stripped() {
         let long = "x".repeat(1000);
         let body = serde_json::json!({"error": "invalid_client", "error_description": format!("a\u{7}b{long}")});
-        let err = classify_failure(
-            StatusCode::UNAUTHORIZED,
-            "u",
-            body.to_string().as_bytes(),
-            None,
-        );
-        let TokenError::InvalidClient {
-            description: Some(d),
-            ..
-        } = &err
-        else {
-            panic!("{err:?}")
-        };
+        let err = classify_failure(StatusCode::UNAUTHORIZED, "u", body.to_string().as_bytes(), None);
+        let TokenError::InvalidClient { description: Some(d), .. } = &err else { panic!("{err:?}") };
         assert!(d.starts_with("abx") && d.chars().count() == MAX_DESCRIPTION_CHARS);
     }
 
@@ -656,13 +499,8 @@ mod tests {
     fn basic_auth_form_urlencodes_id_and_secret() {
         let v = basic_auth("my client", &SecretString::from("p@ss:w/rd")).unwrap();
         assert!(v.is_sensitive());
-        let decoded = STANDARD
-            .decode(v.to_str().unwrap().strip_prefix("Basic ").unwrap())
-            .unwrap();
-        assert_eq!(
-            String::from_utf8(decoded).unwrap(),
-            "my+client:p%40ss%3Aw%2Frd"
-        );
+        let decoded = STANDARD.decode(v.to_str().unwrap().strip_prefix("Basic ").unwrap()).unwrap();
+        assert_eq!(String::from_utf8(decoded).unwrap(), "my+client:p%40ss%3Aw%2Frd");
     }
 
     #[test]

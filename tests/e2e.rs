@@ -1,0 +1,528 @@
+//! End-to-end tests against real programs: etcd, kube-apiserver, kube-controller-manager and
+//! Keycloak, with the operator's built binary run as a separate process per test.
+//!
+//! The environment is started once (see `support`), every test gets its own namespace and its
+//! own operator watching it, and every test ends with a check that no token or client secret
+//! reached the operator's logs, the statuses or the Events.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, Client};
+use libtest_mimic::{Arguments, Failed, Trial};
+use registry_access_operator::api::RegistryAccess;
+use serde_json::{Value, json};
+
+use support::k8s::{self, condition, wait_condition};
+use support::keycloak::{self, Keycloak, REALM, ROLE};
+use support::operator::Operator;
+use support::{Env, Result};
+
+/// A test case: its namespace, its operator, and the secrets that must never leak.
+struct Case {
+    env: Arc<Env>,
+    client: Client,
+    ns: String,
+    operator: Operator,
+    sensitive: Mutex<BTreeSet<String>>,
+}
+
+impl Case {
+    async fn new(env: Arc<Env>, name: &str) -> Result<Self> {
+        Self::with_operator_args(env, name, &[]).await
+    }
+
+    async fn with_operator_args(env: Arc<Env>, name: &str, extra: &[&str]) -> Result<Self> {
+        let client = env.cluster.client().await?;
+        let ns = format!("e2e-{name}");
+        k8s::create_namespace(&client, &ns).await?;
+        let mut args = vec!["--namespace", ns.as_str()];
+        args.extend_from_slice(extra);
+        let operator =
+            Operator::start(&env.cluster.kubeconfig, &env.path().join(format!("operator-{name}.log")), &args)?;
+        Ok(Self { env, client, ns, operator, sensitive: Mutex::new(BTreeSet::new()) })
+    }
+
+    fn kc(&self) -> &Keycloak {
+        &self.env.keycloak
+    }
+
+    /// Registers a value that must not appear in logs, statuses or Events.
+    fn sensitive(&self, s: &str) {
+        self.sensitive.lock().unwrap().insert(s.to_owned());
+    }
+
+    /// A client Secret holding `secret` under the default key.
+    async fn client_secret(&self, name: &str, secret: &str) -> Result<()> {
+        self.sensitive(secret);
+        k8s::put_secret(&self.client, &self.ns, name, &[("client_secret", secret)]).await
+    }
+
+    async fn ra(&self, name: &str, spec: Value) -> Result<()> {
+        k8s::apply_ra(&self.client, &self.ns, name, spec).await
+    }
+
+    /// The spec of a RegistryAccess for `client_id` against `kc`, client secret in Secret `creds`.
+    fn spec(&self, kc: &Keycloak, client_id: &str, creds: &str) -> Value {
+        json!({
+            "server": kc.base_url,
+            "realm": REALM,
+            "clientId": client_id,
+            "clientSecretRef": {"name": creds},
+        })
+    }
+
+    /// The token Secret's data; the token is registered as sensitive.
+    async fn token_secret(&self, name: &str) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        let data = k8s::secret_data(&self.client, &self.ns, name).await?;
+        if let Some(t) = data.as_ref().and_then(|d| d.get("access_token")) {
+            self.sensitive(t);
+        }
+        Ok(data)
+    }
+
+    async fn access_token(&self, name: &str) -> Result<String> {
+        let data = self.token_secret(name).await?.ok_or_else(|| format!("Secret {name} does not exist"))?;
+        Ok(data.get("access_token").cloned().ok_or("no access_token key")?)
+    }
+
+    async fn ready(&self, name: &str) -> Result<registry_access_operator::api::RegistryAccessStatus> {
+        wait_condition(&self.client, &self.ns, name, "Ready", "True", "TokenValid", Duration::from_secs(60)).await
+    }
+
+    /// Ends the case: the operator is still running, and nothing sensitive leaked.
+    async fn finish(mut self) -> Result<()> {
+        self.operator.check_alive()?;
+        // Every token the namespace's Secrets hold counts as sensitive too.
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        for s in secrets.list(&ListParams::default()).await? {
+            let managed = s.metadata.labels.as_ref().is_some_and(|l| l.contains_key("app.kubernetes.io/managed-by"));
+            for (k, v) in s.data.unwrap_or_default() {
+                // Token Secrets: the token and the header built from it; other Secrets hold
+                // client secrets.
+                let secret = if managed { k == "access_token" || k == "authorization" } else { k.contains("secret") };
+                if let (true, Ok(v)) = (secret, std::str::from_utf8(&v.0)) {
+                    self.sensitive(v);
+                }
+            }
+        }
+        let ras: Api<RegistryAccess> = Api::namespaced(self.client.clone(), &self.ns);
+        let statuses = serde_json::to_string(
+            &ras.list(&ListParams::default()).await?.items.iter().map(|r| &r.status).collect::<Vec<_>>(),
+        )?;
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let events = serde_json::to_string(&events.list(&ListParams::default()).await?.items)?;
+        self.operator.stop();
+        let logs = self.operator.logs();
+        let sensitive = self.sensitive.lock().unwrap().clone();
+        for s in &sensitive {
+            let short = &s[..s.len().min(40)];
+            for (what, text) in [("operator log", &logs), ("status", &statuses), ("events", &events)] {
+                // Never print the value itself.
+                if text.contains(s.as_str()) || (s.len() > 40 && text.contains(short)) {
+                    return Err(format!("a token or client secret ({} chars) appears in the {what}", s.len()).into());
+                }
+            }
+        }
+        if !logs.contains("token refreshed")
+            && !logs.contains("token request failed")
+            && !logs.contains("leaving it untouched")
+        {
+            return Err("the operator logged no token activity at all; is it working?".into());
+        }
+        Ok(())
+    }
+}
+
+/// Verifies a token's signature against the realm's JWKS; returns its claims.
+async fn verified_claims(kc: &Keycloak, token: &str) -> Result<Value> {
+    let header = jsonwebtoken::decode_header(token)?;
+    let jwks = kc.jwks(REALM).await?;
+    let kid = header.kid.ok_or("token has no kid")?;
+    let jwk = jwks.find(&kid).ok_or("the token's key is not in the realm's JWKS")?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.validate_aud = false;
+    validation.set_issuer(&[format!("{}/realms/{REALM}", kc.base_url)]);
+    let data = jsonwebtoken::decode::<Value>(token, &key, &validation)?;
+    Ok(data.claims)
+}
+
+fn ts(s: &str) -> Result<Timestamp> {
+    Ok(s.parse()?)
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", Timestamp::now().as_millisecond() % 1_000_000_000)
+}
+
+// ---- the tests ----
+
+/// The documented case: test-ext in consent-01-external-system gets a verified token.
+async fn issues_a_verified_token_for_the_documented_client(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "verified").await?;
+    c.client_secret("test-ext-credentials", keycloak::TEST_EXT_SECRET).await?;
+    let mut spec = c.spec(c.kc(), keycloak::TEST_EXT, "test-ext-credentials");
+    spec["registryUrl"] = json!("https://external-service-api-consent-02-main.apps.example.com/api/gateway");
+    c.ra("consent-02", spec).await?;
+    let status = c.ready("consent-02").await?;
+
+    let data = c.token_secret("consent-02-token").await?.ok_or("no token Secret")?;
+    let token = &data["access_token"];
+    let claims = verified_claims(c.kc(), token).await?;
+    let roles: Vec<&str> = claims["realm_access"]["roles"]
+        .as_array()
+        .ok_or("no realm_access.roles")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(roles.contains(&ROLE), "roles {roles:?}");
+    assert_eq!(claims["azp"], keycloak::TEST_EXT);
+    assert_eq!(data["token_type"], "Bearer");
+    assert!(data["authorization"] == format!("Bearer {token}"), "authorization is not 'Bearer <access_token>'");
+    assert_eq!(data["registry_url"], "https://external-service-api-consent-02-main.apps.example.com/api/gateway");
+
+    assert!(status.granted_roles.iter().any(|r| r == ROLE), "{:?}", status.granted_roles);
+    let expires_at = status.expires_at.as_ref().ok_or("no expiresAt")?.0;
+    let renew_at = status.renew_at.as_ref().ok_or("no renewAt")?.0;
+    assert_eq!(ts(&data["expires_at"])?, expires_at);
+    // expiresAt counts expires_in from when the request was sent: at most a moment before exp.
+    let exp = claims["exp"].as_i64().ok_or("no exp")?;
+    assert!((0..=2).contains(&(exp - expires_at.as_second())), "expiresAt {expires_at} vs exp {exp}");
+    // Keycloak's default 300 s lifetime; renewal with a third of it left, minus <= 10 s jitter.
+    let before = expires_at.duration_since(renew_at).as_secs();
+    assert!((100..=111).contains(&before), "renewAt is {before}s before expiry");
+    assert_eq!(status.secret_name.as_deref(), Some("consent-02-token"));
+
+    let secret = Api::<Secret>::namespaced(c.client.clone(), &c.ns).get("consent-02-token").await?;
+    assert_eq!(
+        secret.metadata.labels.unwrap_or_default().get("app.kubernetes.io/managed-by").map(String::as_str),
+        Some("registry-access-operator")
+    );
+    let owner = &secret.metadata.owner_references.unwrap_or_default()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("RegistryAccess", "consent-02", Some(true))
+    );
+    assert!(secret.metadata.annotations.unwrap_or_default().contains_key("registry-access.io/expires-at"));
+    assert_eq!(c.kc().grants(REALM, keycloak::TEST_EXT).await?, 1, "one grant for one token");
+    c.finish().await
+}
+
+/// Short tokens are replaced before each expiry, one grant per refresh.
+async fn refreshes_before_every_expiry(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "refresh").await?;
+    let client_id = unique("refresh");
+    let client = c.kc().create_client(REALM, &client_id, Some(20), true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("short", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("short").await?;
+
+    let mut seen: Vec<String> = Vec::new();
+    let sample = |seen: &mut Vec<String>, data: std::collections::BTreeMap<String, String>| -> Result<()> {
+        let now = Timestamp::now();
+        let token = data.get("access_token").ok_or("no token")?;
+        let exp = jsonwebtoken::dangerous::insecure_decode::<Value>(token)?.claims["exp"].as_i64().ok_or("no exp")?;
+        if now.as_second() >= exp || now >= ts(&data["expires_at"])? {
+            return Err(format!("the Secret held an expired token at {now} (exp {exp})").into());
+        }
+        if seen.last() != Some(token) {
+            seen.push(token.clone());
+        }
+        Ok(())
+    };
+    let start = Instant::now();
+    // Three and a half lifetimes of 20 s.
+    while start.elapsed() < Duration::from_secs(70) {
+        let data = c.token_secret("short-token").await?.ok_or("token Secret vanished")?;
+        sample(&mut seen, data)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Count grants when no refresh happens between the count and a last sample.
+    let grants = loop {
+        let before = seen.len();
+        let grants = c.kc().grants(REALM, &client_id).await?;
+        let data = c.token_secret("short-token").await?.ok_or("token Secret vanished")?;
+        sample(&mut seen, data)?;
+        if seen.len() == before {
+            break grants;
+        }
+    };
+    assert!(seen.len() >= 5, "only {} distinct tokens in 70 s of 20 s tokens", seen.len());
+    assert_eq!(grants, seen.len(), "Keycloak grants vs distinct tokens seen in the Secret");
+    c.finish().await
+}
+
+/// A rotated client secret is used at once; a wrong one keeps the last good token.
+async fn rotated_and_wrong_client_secrets(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "rotate").await?;
+    let client_id = unique("rotate");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("rot", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("rot").await?;
+    let first = c.access_token("rot-token").await?;
+
+    let rotated = c.kc().regenerate_secret(REALM, &client.id).await?;
+    let t = Instant::now();
+    c.client_secret("creds", &rotated).await?;
+    let mut second = first.clone();
+    while second == first {
+        if t.elapsed() > Duration::from_secs(15) {
+            return Err("no new token within 15 s of the client secret's rotation".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        second = c.access_token("rot-token").await?;
+    }
+    eprintln!("[e2e] new token {:.1}s after rotation", t.elapsed().as_secs_f64());
+    verified_claims(c.kc(), &second).await?;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 2);
+
+    c.client_secret("creds", "definitely-not-the-secret").await?;
+    let s = wait_condition(
+        &c.client,
+        &c.ns,
+        "rot",
+        "Degraded",
+        "True",
+        "InvalidClientCredentials",
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(condition(&s, "Ready").map(|c| c.0), Some("True".into()), "the last good token is still valid");
+    assert!(c.access_token("rot-token").await? == second, "a failed refresh replaced the last good token");
+
+    k8s::put_secret(&c.client, &c.ns, "creds", &[("password", "x")]).await?;
+    wait_condition(&c.client, &c.ns, "rot", "Degraded", "True", "ClientSecretKeyMissing", Duration::from_secs(20))
+        .await?;
+    Api::<Secret>::namespaced(c.client.clone(), &c.ns).delete("creds", &DeleteParams::default()).await?;
+    wait_condition(&c.client, &c.ns, "rot", "Degraded", "True", "ClientSecretNotFound", Duration::from_secs(20))
+        .await?;
+    assert!(c.access_token("rot-token").await? == second, "the token was replaced or removed");
+
+    c.ra("never", c.spec(c.kc(), &client_id, "no-such-secret")).await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "never", "Ready", "False", "ClientSecretNotFound", Duration::from_secs(20))
+            .await?;
+    let (_, _, message) = condition(&s, "Ready").ok_or("no Ready")?;
+    assert!(message.contains("no-such-secret"), "{message}");
+    c.finish().await
+}
+
+/// Keycloak stopped: the token stays and Degraded is set; Keycloak back: recovered by itself.
+async fn survives_a_keycloak_outage(env: Arc<Env>) -> Result<()> {
+    let mut kc = env.extra_keycloak("keycloak-outage").await?;
+    let c = Case::new(env, "outage").await?;
+    c.client_secret("creds", keycloak::SHORT_LIVED_SECRET).await?;
+    c.ra("short", c.spec(&kc, keycloak::SHORT_LIVED, "creds")).await?;
+    let status = c.ready("short").await?;
+    let token = c.access_token("short-token").await?;
+    let expires_at = status.expires_at.ok_or("no expiresAt")?.0;
+
+    kc.stop();
+    let s =
+        wait_condition(&c.client, &c.ns, "short", "Degraded", "True", "KeycloakUnavailable", Duration::from_secs(30))
+            .await?;
+    if Timestamp::now() < expires_at {
+        assert_eq!(condition(&s, "Ready").map(|c| c.0), Some("True".into()));
+    }
+    assert!(c.access_token("short-token").await? == token, "the token was replaced while Keycloak was down");
+    wait_condition(&c.client, &c.ns, "short", "Ready", "False", "TokenExpired", Duration::from_secs(40)).await?;
+    assert!(c.access_token("short-token").await? == token, "the expired token was removed");
+
+    let t = Instant::now();
+    kc.start_again().await?;
+    eprintln!("[e2e] Keycloak restarted in {:.1}s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    c.ready("short").await?;
+    eprintln!("[e2e] recovered {:.1}s after Keycloak was ready", t.elapsed().as_secs_f64());
+    wait_condition(&c.client, &c.ns, "short", "Degraded", "False", "RefreshSucceeded", Duration::from_secs(10)).await?;
+    assert!(c.access_token("short-token").await? != token, "no new token after recovery");
+    c.finish().await
+}
+
+/// A restarted operator issues no token while the current ones are valid.
+async fn restart_issues_no_new_tokens(env: Arc<Env>) -> Result<()> {
+    let mut c = Case::new(env, "restart").await?;
+    let client_id = unique("restart");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    for name in ["a", "b", "c"] {
+        c.ra(name, c.spec(c.kc(), &client_id, "creds")).await?;
+    }
+    let mut tokens = Vec::new();
+    for name in ["a", "b", "c"] {
+        c.ready(name).await?;
+        tokens.push(c.access_token(&format!("{name}-token")).await?);
+    }
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 3);
+
+    c.operator.stop();
+    c.operator.start_again()?;
+    // A spec change that needs no new token proves the new process has reconciled each object.
+    for name in ["a", "b", "c"] {
+        let mut spec = c.spec(c.kc(), &client_id, "creds");
+        spec["secret"] = json!({"labels": {"restarted": "yes"}});
+        c.ra(name, spec).await?;
+    }
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.ns);
+    let t = Instant::now();
+    for name in ["a", "b", "c"] {
+        loop {
+            let s = secrets.get(&format!("{name}-token")).await?;
+            if s.metadata.labels.unwrap_or_default().get("restarted").map(String::as_str) == Some("yes") {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err("the restarted operator did not reconcile".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for (name, before) in ["a", "b", "c"].iter().zip(&tokens) {
+        assert!(&c.access_token(&format!("{name}-token")).await? == before, "{name}: token replaced after restart");
+    }
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 3, "grants after the restart");
+    c.finish().await
+}
+
+/// Deleting a RegistryAccess deletes its Secret; a foreign Secret of the target name is kept.
+async fn garbage_collection_and_foreign_secrets(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "ownership").await?;
+    let client_id = unique("owner");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("gone", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("gone").await?;
+    c.access_token("gone-token").await?;
+    Api::<RegistryAccess>::namespaced(c.client.clone(), &c.ns).delete("gone", &DeleteParams::default()).await?;
+    let t = Instant::now();
+    while c.token_secret("gone-token").await?.is_some() {
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err("the token Secret outlived its RegistryAccess by 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("[e2e] token Secret garbage-collected {:.1}s after its RegistryAccess", t.elapsed().as_secs_f64());
+
+    k8s::put_secret(&c.client, &c.ns, "taken", &[("note", "owned by someone else")]).await?;
+    let grants_before = c.kc().grants(REALM, &client_id).await?;
+    let mut spec = c.spec(c.kc(), &client_id, "creds");
+    spec["secret"] = json!({"name": "taken"});
+    c.ra("intruder", spec).await?;
+    let s = wait_condition(&c.client, &c.ns, "intruder", "Ready", "False", "SecretConflict", Duration::from_secs(30))
+        .await?;
+    assert!(condition(&s, "Ready").ok_or("no Ready")?.2.contains("spec.secret.name"));
+    let foreign = Api::<Secret>::namespaced(c.client.clone(), &c.ns).get("taken").await?;
+    let data = foreign.data.unwrap_or_default();
+    assert_eq!(data.len(), 1, "keys were added to the foreign Secret");
+    assert_eq!(data["note"].0, b"owned by someone else");
+    assert!(foreign.metadata.owner_references.unwrap_or_default().is_empty());
+    assert_eq!(
+        c.kc().grants(REALM, &client_id).await?,
+        grants_before,
+        "a token was requested for a conflicting Secret"
+    );
+    c.finish().await
+}
+
+/// A RegistryAccess cannot make the operator read a client Secret of another namespace.
+async fn client_secrets_stay_in_their_namespace(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "tenant-a").await?;
+    let other = "e2e-tenant-b";
+    k8s::create_namespace(&c.client, other).await?;
+    let client_id = unique("tenant");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.sensitive(&client.secret);
+    k8s::put_secret(&c.client, other, "b-credentials", &[("client_secret", &client.secret)]).await?;
+    let mut spec = c.spec(c.kc(), &client_id, "b-credentials");
+    // The schema has no namespace field: the API server refuses it...
+    spec["clientSecretRef"]["namespace"] = json!(other);
+    let refused = c.ra("steal", spec).await.err().ok_or("the API server accepted clientSecretRef.namespace")?;
+    assert!(refused.to_string().contains("clientSecretRef.namespace"), "{refused}");
+    // ...and a plain name always means a Secret of the object's own namespace.
+    c.ra("steal", c.spec(c.kc(), &client_id, "b-credentials")).await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "steal", "Ready", "False", "ClientSecretNotFound", Duration::from_secs(30))
+            .await?;
+    let (_, _, message) = condition(&s, "Ready").ok_or("no Ready")?;
+    assert!(message.contains(&format!("{}/b-credentials", c.ns)), "{message}");
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 0, "a token was issued with another namespace's secret");
+    c.finish().await
+}
+
+// ---- the harness ----
+
+type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+    };
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // Most of a test is waiting for tokens to age; run several at once.
+    if args.test_threads.is_none() {
+        args.test_threads = Some(4);
+    }
+    let cases: Vec<(&str, TestFn)> = tests![
+        issues_a_verified_token_for_the_documented_client,
+        refreshes_before_every_expiry,
+        rotated_and_wrong_client_secrets,
+        survives_a_keycloak_outage,
+        restart_issues_no_new_tokens,
+        garbage_collection_and_foreign_secrets,
+        client_secrets_stay_in_their_namespace,
+    ];
+    let selected = cases
+        .iter()
+        .any(|(name, _)| args.filter.as_deref().is_none_or(|f| if args.exact { *name == f } else { name.contains(f) }));
+    if args.list || !selected {
+        let trials = cases.iter().map(|(name, _)| Trial::test(*name, || Ok(()))).collect();
+        libtest_mimic::run(&args, trials).exit();
+    }
+
+    registry_access_operator::token::install_crypto_provider();
+    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime"));
+    let t = Instant::now();
+    let env = match rt.block_on(Env::start()) {
+        Ok(env) => Arc::new(env),
+        Err(e) => {
+            // Fail loudly: a missing tool is a failure, never a skip.
+            eprintln!("[e2e] the end-to-end environment did not start: {e}");
+            std::process::exit(1);
+        }
+    };
+    support::phase("environment ready", t);
+
+    let trials = cases
+        .into_iter()
+        .map(|(name, f)| {
+            let (env, rt) = (env.clone(), rt.clone());
+            Trial::test(name, move || {
+                let t = Instant::now();
+                let result = rt.block_on(f(env));
+                support::phase(name, t);
+                result.map_err(|e| Failed::from(e.to_string()))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let t = Instant::now();
+    match Arc::try_unwrap(env) {
+        Ok(env) => drop(env),
+        Err(_) => eprintln!("[e2e] environment still referenced at exit"),
+    }
+    support::phase("environment stopped and removed", t);
+    conclusion.exit();
+}

@@ -1,0 +1,239 @@
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver (TLS, RBAC) and
+//! kube-controller-manager (garbage collector, namespace and service account controllers).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+use super::Result;
+use super::pki::{self, Ca, Pair};
+use super::process::{Proc, free_port, wait_for};
+
+/// Controllers the tests need: ownerReference garbage collection, namespace deletion, and the
+/// service accounts whose tokens the chart tests use. Each runs under its own service account
+/// (--use-service-account-credentials), with the permissions the RBAC bootstrap gives it, as in
+/// a real cluster.
+const CONTROLLERS: &str =
+    "garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller";
+/// Time allowed for each component to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub server: String,
+    /// Kubeconfig of a cluster admin (group system:masters).
+    pub kubeconfig: PathBuf,
+    pub ca_pem: String,
+    etcd: Proc,
+    apiserver: Proc,
+    controller_manager: Option<Proc>,
+}
+
+impl Cluster {
+    pub async fn start(bin: &Path, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ca = Ca::new("registry-access-e2e-ca")?;
+        let write = |name: &str, content: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, content)?;
+            Ok(p)
+        };
+        let ca_file = write("ca.crt", &ca.cert)?;
+        let serving = ca.server(&["localhost", "127.0.0.1", "10.0.0.1", "kubernetes", "kubernetes.default.svc"])?;
+        let serving_cert = write("apiserver.crt", &serving.cert)?;
+        let serving_key = write("apiserver.key", &serving.key)?;
+        let (sa_private, sa_public) = pki::signing_key()?;
+        let sa_key = write("sa.key", &sa_private)?;
+        let sa_pub = write("sa.pub", &sa_public)?;
+
+        let etcd_port = free_port()?;
+        let etcd_peer = free_port()?;
+        let api_port = free_port()?;
+        let server = format!("https://127.0.0.1:{api_port}");
+
+        let mut cmd = Command::new(bin.join("etcd"));
+        cmd.arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"))
+            .arg(format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        let mut etcd = Proc::start("etcd", cmd, &dir.join("etcd.log"))?;
+        let http = reqwest::Client::new();
+        wait_for("etcd", READY_TIMEOUT, || {
+            let http = http.clone();
+            async move {
+                let url = format!("http://127.0.0.1:{etcd_port}/health");
+                matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
+            }
+        })
+        .await
+        .map_err(|e| format!("{e}: {}", etcd.check_alive().err().map(|e| e.to_string()).unwrap_or_default()))?;
+
+        let mut cmd = Command::new(bin.join("kube-apiserver"));
+        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={api_port}"))
+            .arg(format!("--tls-cert-file={}", serving_cert.display()))
+            .arg(format!("--tls-private-key-file={}", serving_key.display()))
+            .arg(format!("--client-ca-file={}", ca_file.display()))
+            .arg(format!("--cert-dir={}", dir.join("apiserver-certs").display()))
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--authorization-mode=RBAC")
+            .arg("--allow-privileged=true")
+            .arg(format!("--service-account-issuer={server}"))
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg("--v=1");
+        let apiserver = Proc::start("kube-apiserver", cmd, &dir.join("kube-apiserver.log"))?;
+
+        let admin = ca.client("e2e-admin", &["system:masters"])?;
+        let kubeconfig = write("admin.kubeconfig", &kubeconfig_with_cert(&server, &ca.cert, "e2e-admin", &admin))?;
+        let kcm = ca.client("system:kube-controller-manager", &[])?;
+        write("kcm.kubeconfig", &kubeconfig_with_cert(&server, &ca.cert, "kcm", &kcm))?;
+
+        let mut cluster = Self {
+            dir: dir.to_owned(),
+            bin: bin.to_owned(),
+            server,
+            kubeconfig,
+            ca_pem: ca.cert.clone(),
+            etcd,
+            apiserver,
+            controller_manager: None,
+        };
+        cluster.wait_ready().await?;
+
+        Ok(cluster)
+    }
+
+    /// Starts kube-controller-manager. Started after the CRDs are installed, so that the garbage
+    /// collector knows them from its first discovery.
+    pub async fn start_controller_manager(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        let (bin, kcm_kubeconfig) = (self.bin.clone(), dir.join("kcm.kubeconfig"));
+        let (sa_key, ca_file) = (dir.join("sa.key"), dir.join("ca.crt"));
+        let kcm_port = free_port()?;
+        let mut cmd = Command::new(bin.join("kube-controller-manager"));
+        cmd.arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))
+            .arg(format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()))
+            .arg(format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()))
+            .arg(format!("--controllers={CONTROLLERS}"))
+            .arg(format!("--service-account-private-key-file={}", sa_key.display()))
+            .arg(format!("--root-ca-file={}", ca_file.display()))
+            .arg("--leader-elect=false")
+            .arg("--use-service-account-credentials=true")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={kcm_port}"))
+            .arg(format!("--cert-dir={}", dir.join("kcm-certs").display()))
+            .arg("--v=1");
+        let kcm_proc = self.controller_manager.insert(Proc::start(
+            "kube-controller-manager",
+            cmd,
+            &dir.join("kube-controller-manager.log"),
+        )?);
+        let insecure = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
+        wait_for("kube-controller-manager /healthz", READY_TIMEOUT, || {
+            let http = insecure.clone();
+            async move {
+                let url = format!("https://127.0.0.1:{kcm_port}/healthz");
+                matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
+            }
+        })
+        .await
+        .map_err(|e| format!("{e}: {}", kcm_proc.check_alive().err().map(|e| e.to_string()).unwrap_or_default()))?;
+        Ok(())
+    }
+
+    /// Waits until kube-apiserver answers /readyz.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        let result = wait_for("kube-apiserver /readyz", READY_TIMEOUT, || {
+            let client = client.clone();
+            async move {
+                let req = http::Request::get("/readyz").body(Vec::new()).unwrap();
+                matches!(client.request_text(req).await, Ok(t) if t.trim() == "ok")
+            }
+        })
+        .await;
+        if let Err(e) = result {
+            self.apiserver.check_alive()?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Result<kube::Client> {
+        client_for(&self.kubeconfig).await
+    }
+
+    /// Runs the built kubectl with the admin kubeconfig.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_as(&self.kubeconfig, args)
+    }
+
+    /// Runs the built kubectl with the given kubeconfig; fails with stderr on a non-zero exit.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+        let out = Command::new(self.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)).into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes a kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's).
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n\
+             users:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: e2e\n    user: {name}\n\
+             current-context: {name}\n",
+            self.server,
+            STANDARD.encode(&self.ca_pem)
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(kcm) = &mut self.controller_manager {
+            kcm.stop();
+        }
+        self.apiserver.stop();
+        self.etcd.stop();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn kubeconfig_with_cert(server: &str, ca: &str, user: &str, pair: &Pair) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\n\
+         users:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n\
+         contexts:\n- name: {user}\n  context:\n    cluster: e2e\n    user: {user}\ncurrent-context: {user}\n",
+        STANDARD.encode(ca),
+        STANDARD.encode(&pair.cert),
+        STANDARD.encode(&pair.key)
+    )
+}

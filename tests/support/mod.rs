@@ -1,0 +1,112 @@
+//! The end-to-end environment: real etcd, kube-apiserver, kube-controller-manager and Keycloak,
+//! provisioned by hack/provision.sh and started on loopback in a temporary directory.
+#![allow(dead_code)]
+
+pub mod cluster;
+pub mod k8s;
+pub mod keycloak;
+pub mod operator;
+pub mod pki;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use cluster::Cluster;
+use keycloak::Keycloak;
+
+pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The repository's root directory.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where the provisioned tools are.
+pub struct Tools {
+    pub bin: PathBuf,
+    pub keycloak_home: PathBuf,
+}
+
+impl Tools {
+    /// Runs hack/provision.sh (seconds when the cache is warm) and reads where it put the tools.
+    pub fn provision() -> Result<Self> {
+        let out = Command::new("bash").arg(repo().join("hack/provision.sh")).output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "hack/provision.sh failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let get = |key: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(PathBuf::from)
+                .ok_or_else(|| format!("hack/provision.sh did not print {key}="))
+        };
+        Ok(Self { bin: get("bin")?, keycloak_home: get("keycloak_home")? })
+    }
+}
+
+/// Prints how long a phase took, on stderr.
+pub fn phase(name: &str, start: Instant) {
+    eprintln!("[e2e] {name}: {:.1}s", start.elapsed().as_secs_f64());
+}
+
+/// A running environment. Dropping it stops every process and removes its directory.
+pub struct Env {
+    // Field order is drop order: processes stop before the directory goes.
+    pub keycloak: Keycloak,
+    pub cluster: Cluster,
+    pub tools: Tools,
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn start() -> Result<Self> {
+        let t = Instant::now();
+        let tools = Tools::provision()?;
+        phase("provision", t);
+        // RAO_E2E_KEEP=1 keeps the directory (logs, kubeconfig) for a post-mortem.
+        let keep = std::env::var_os("RAO_E2E_KEEP").is_some();
+        let dir = tempfile::Builder::new().prefix("registry-access-e2e-").disable_cleanup(keep).tempdir()?;
+        eprintln!("[e2e] environment directory: {}", dir.path().display());
+        let t = Instant::now();
+        let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");
+        let (cluster_dir, keycloak_dir) = (dir.path().join("cluster"), dir.path().join("keycloak"));
+        let (cluster, keycloak) = tokio::join!(
+            Cluster::start(&tools.bin, &cluster_dir),
+            Keycloak::start(&tools.keycloak_home, &keycloak_dir, &realm)
+        );
+        let (mut cluster, keycloak) = (cluster?, keycloak?);
+        phase("kube-apiserver and Keycloak up", t);
+        let t = Instant::now();
+        cluster.kubectl(&["apply", "-f", &repo().join("crds").display().to_string()])?;
+        cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/registryaccesses.registry-access.io",
+            "--timeout=60s",
+        ])?;
+        phase("CRD installed with kubectl apply -f crds/", t);
+        let t = Instant::now();
+        cluster.start_controller_manager().await?;
+        phase("kube-controller-manager up", t);
+        Ok(Self { keycloak, cluster, tools, dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts another Keycloak with the test realm (for tests that stop it).
+    pub async fn extra_keycloak(&self, name: &str) -> Result<Keycloak> {
+        let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");
+        Keycloak::start(&self.tools.keycloak_home, &self.path().join(name), &realm).await
+    }
+}

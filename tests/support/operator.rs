@@ -1,0 +1,82 @@
+//! The operator's built binary run as a separate process with a kubeconfig, as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::sys::signal::Signal;
+
+use super::Result;
+use super::process::Proc;
+
+/// Path of the operator binary cargo built for these tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_registry-access-operator"))
+}
+
+pub struct Operator {
+    proc: Option<Proc>,
+    pub log: PathBuf,
+    kubeconfig: PathBuf,
+    args: Vec<String>,
+}
+
+impl Operator {
+    /// Starts `registry-access-operator run` with debug logs (so that the secrecy checks cover
+    /// the most verbose output) and `extra` arguments.
+    pub fn start(kubeconfig: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
+        let mut op = Self {
+            proc: None,
+            log: log.to_owned(),
+            kubeconfig: kubeconfig.to_owned(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        op.start_again()?;
+        Ok(op)
+    }
+
+    /// Starts the process again after [`Operator::stop`] or [`Operator::kill`]; logs append.
+    pub fn start_again(&mut self) -> Result<()> {
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg("--log-level=info,registry_access_operator=debug")
+            .args(&self.args)
+            .env_remove("KUBECONFIG")
+            .env_remove("WATCH_NAMESPACE");
+        self.proc = Some(Proc::start("operator", cmd, &self.log)?);
+        Ok(())
+    }
+
+    /// Graceful stop (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    /// SIGKILL, as a node failure would.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(Signal::SIGKILL);
+            p.kill();
+        }
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        match &mut self.proc {
+            Some(p) => p.check_alive(),
+            None => Err("operator is not running".into()),
+        }
+    }
+
+    /// Everything the operator logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
