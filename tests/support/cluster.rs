@@ -191,6 +191,24 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs the built kubectl with the admin kubeconfig and `input` on its standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
+        use std::io::Write as _;
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().ok_or("no stdin")?.write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(format!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)).into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Writes a kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's).
     pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> Result<PathBuf> {
         let path = self.dir.join(format!("{name}.kubeconfig"));

@@ -8,9 +8,16 @@ use nix::sys::signal::Signal;
 use super::Result;
 use super::process::Proc;
 
-/// Path of the operator binary cargo built for these tests.
+/// Path of the operator binary cargo built: given to tests by cargo; for the demo (an example,
+/// which cargo does not tell), the binary beside the examples folder.
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_registry-access-operator"))
+    match option_env!("CARGO_BIN_EXE_registry-access-operator") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|p| Some(p.parent()?.parent()?.join("registry-access-operator")))
+            .unwrap_or_else(|| PathBuf::from("registry-access-operator")),
+    }
 }
 
 pub struct Operator {

@@ -1,0 +1,30 @@
+# The project's commands. `make demo` and `make test` are the two a newcomer needs.
+.PHONY: demo test tools crds build fmt lint
+
+# A local demo: real kube-apiserver, etcd, kube-controller-manager and Keycloak, the CRD, the
+# operator and examples/, showing tokens being refreshed until Ctrl-C.
+demo: tools
+	cargo build --bin registry-access-operator --example demo
+	cargo run --example demo
+
+# Every test: formatting, lints, CRD drift, unit, token-client and end-to-end tests.
+test:
+	bash hack/test.sh
+
+# Build or fetch the end-to-end tools into .cache (seconds once cached).
+tools:
+	bash hack/prerequisites.sh
+	bash hack/provision.sh
+
+# Regenerate the committed CRD from the code.
+crds:
+	cargo run --quiet -- crd > crds/registryaccesses.registry-access.io.yaml
+
+build:
+	cargo build --release --locked
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --all-targets --locked -- -D warnings

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, unit tests, the
+# token-client tests and the end-to-end tests on a real control plane and Keycloak. Prints each
+# phase's duration and, last, one line "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+total_start=$SECONDS
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+
+phase() {
+  local name=$1; shift
+  local start=$SECONDS
+  echo "==> $name"
+  if "$@" 2>&1 | tee -a "$log"; then
+    echo "<== $name: ok ($((SECONDS - start))s)"
+  else
+    echo "<== $name: FAILED ($((SECONDS - start))s)"
+    status=1
+  fi
+}
+
+phase "prerequisites" bash hack/prerequisites.sh
+[[ $status == 0 ]] || { echo "prerequisites are missing; see above"; echo "0 passed, 1 failed"; exit 1; }
+phase "provision end-to-end tools" bash hack/provision.sh
+phase "cargo fmt --check" cargo fmt --all -- --check
+phase "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
+phase "cargo build --release" cargo build --release --locked
+phase "cargo test (unit, CRD drift, token client, end-to-end)" cargo test --all-targets --locked
+
+passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+if [[ $status != 0 && $failed == 0 ]]; then failed=1; fi
+echo "total: $((SECONDS - total_start))s"
+echo "$passed passed, $failed failed"
+exit $status

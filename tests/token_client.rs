@@ -1,0 +1,276 @@
+//! The token client against a local HTTP server written here, for the answers a real Keycloak
+//! cannot be made to give (garbage, hangs, huge bodies) and to check the exact request sent.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use jiff::{SignedDuration, Timestamp};
+use registry_access_operator::api::ClientAuthMethod;
+use registry_access_operator::token::{ClientConfig, TokenClient, TokenError, TokenRequest};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const SECRET: &str = "s3cr3t/with+odd&chars";
+
+/// What the server answers.
+#[derive(Clone)]
+enum Answer {
+    /// Status line, extra headers, body.
+    Respond(u16, Vec<(String, String)>, Vec<u8>),
+    /// A chunked body of this many bytes, no Content-Length.
+    Chunked(usize),
+    /// Accept the request and never answer.
+    Hang,
+}
+
+/// A request as the server saw it.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    request_line: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Serves `answer` to every connection on 127.0.0.1 and records the requests.
+async fn server(answer: Answer) -> (Url, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (answer, log) = (answer.clone(), log.clone());
+            tokio::spawn(async move {
+                let Some(req) = read_request(&mut sock).await else { return };
+                log.lock().unwrap().push(req);
+                match answer {
+                    Answer::Respond(status, headers, body) => {
+                        let mut head =
+                            format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                        for (k, v) in headers {
+                            head.push_str(&format!("{k}: {v}\r\n"));
+                        }
+                        head.push_str("\r\n");
+                        let _ = sock.write_all(head.as_bytes()).await;
+                        let _ = sock.write_all(&body).await;
+                    }
+                    Answer::Chunked(n) => {
+                        let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n").await;
+                        let chunk = vec![b' '; 64 * 1024];
+                        let mut sent = 0;
+                        while sent < n {
+                            let part = &chunk[..chunk.len().min(n - sent)];
+                            if sock.write_all(format!("{:x}\r\n", part.len()).as_bytes()).await.is_err()
+                                || sock.write_all(part).await.is_err()
+                                || sock.write_all(b"\r\n").await.is_err()
+                            {
+                                return;
+                            }
+                            sent += part.len();
+                        }
+                        let _ = sock.write_all(b"0\r\n\r\n").await;
+                    }
+                    Answer::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
+                }
+            });
+        }
+    });
+    let url = Url::parse(&format!("http://{addr}/auth/realms/r/protocol/openid-connect/token")).unwrap();
+    (url, seen)
+}
+
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let head_end = loop {
+        let n = sock.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next()?.to_owned();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+    Some(Seen { request_line, headers, body })
+}
+
+fn json(status: u16, body: serde_json::Value) -> Answer {
+    Answer::Respond(status, vec![("Content-Type".into(), "application/json".into())], body.to_string().into_bytes())
+}
+
+fn client() -> TokenClient {
+    TokenClient::new(ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_millis(800),
+    })
+    .unwrap()
+}
+
+async fn request(
+    url: &Url,
+    method: ClientAuthMethod,
+    scopes: &[String],
+) -> Result<registry_access_operator::token::IssuedToken, TokenError> {
+    let secret = SecretString::from(SECRET);
+    let req =
+        TokenRequest { token_url: url, client_id: "test-ext", client_secret: &secret, auth_method: method, scopes };
+    client().request(&req, Timestamp::now()).await
+}
+
+fn unsigned_jwt(claims: serde_json::Value) -> String {
+    let e = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    format!("{}.{}.{}", e(br#"{"alg":"none"}"#), e(claims.to_string().as_bytes()), e(b"sig"))
+}
+
+#[tokio::test]
+async fn client_secret_post_sends_the_documented_form() {
+    let (url, seen) =
+        server(json(200, serde_json::json!({"access_token": "tok", "expires_in": 300, "token_type": "Bearer"}))).await;
+    let before = Timestamp::now();
+    let t = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap();
+    assert_eq!(t.access_token.expose_secret(), "tok");
+    let lifetime = t.expires_at.duration_since(before);
+    assert!(lifetime >= SignedDuration::from_secs(300) && lifetime < SignedDuration::from_secs(302), "{lifetime:?}");
+    let r = seen.lock().unwrap()[0].clone();
+    assert_eq!(r.request_line, "POST /auth/realms/r/protocol/openid-connect/token HTTP/1.1");
+    assert_eq!(r.header("content-type"), Some("application/x-www-form-urlencoded"));
+    assert_eq!(r.body, "grant_type=client_credentials&client_id=test-ext&client_secret=s3cr3t%2Fwith%2Bodd%26chars");
+    assert_eq!(r.header("authorization"), None);
+}
+
+#[tokio::test]
+async fn client_secret_basic_sends_credentials_in_the_header_only() {
+    let (url, seen) = server(json(200, serde_json::json!({"access_token": "tok", "expires_in": 60}))).await;
+    request(&url, ClientAuthMethod::ClientSecretBasic, &["openid".into(), "profile".into()]).await.unwrap();
+    let r = seen.lock().unwrap()[0].clone();
+    assert_eq!(r.body, "grant_type=client_credentials&scope=openid+profile");
+    let auth = r.header("authorization").unwrap().strip_prefix("Basic ").unwrap();
+    let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(auth).unwrap()).unwrap();
+    assert_eq!(decoded, "test-ext:s3cr3t%2Fwith%2Bodd%26chars");
+}
+
+#[tokio::test]
+async fn expiry_falls_back_to_the_jwt_exp_without_expires_in() {
+    let exp = Timestamp::now().as_second() + 120;
+    let token = unsigned_jwt(serde_json::json!({"exp": exp, "realm_access": {"roles": ["trembita-invoker"]}}));
+    let (url, _) = server(json(200, serde_json::json!({"access_token": token, "token_type": "Bearer"}))).await;
+    let t = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap();
+    assert_eq!(t.expires_at.as_second(), exp);
+    assert_eq!(t.realm_roles, vec!["trembita-invoker"]);
+}
+
+#[tokio::test]
+async fn invalid_client_is_invalid_credentials() {
+    for (status, error) in
+        [(401, "invalid_client"), (400, "invalid_client"), (401, "unauthorized_client"), (400, "unauthorized_client")]
+    {
+        let (url, _) = server(json(
+            status,
+            serde_json::json!({"error": error, "error_description": "Invalid client or Invalid client credentials"}),
+        ))
+        .await;
+        let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+        assert!(matches!(err, TokenError::InvalidClient { .. }), "{status} {error}: {err:?}");
+        assert!(!err.is_transient());
+        assert!(!err.to_string().contains(SECRET));
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_transient() {
+    let (url, _) = server(Answer::Respond(503, vec![], b"unavailable".to_vec())).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::ServerError { status: 503, .. }), "{err:?}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn a_hung_server_times_out() {
+    let (url, _) = server(Answer::Hang).await;
+    let start = std::time::Instant::now();
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::Timeout { .. }), "{err:?}");
+    assert!(err.is_transient());
+    assert!(start.elapsed() < Duration::from_secs(10), "the request timeout was not applied");
+}
+
+#[tokio::test]
+async fn a_closed_port_is_a_connect_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = Url::parse(&format!("http://127.0.0.1:{port}/token")).unwrap();
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::Connect { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn non_json_and_missing_token_are_invalid_responses() {
+    for answer in [
+        Answer::Respond(200, vec![], b"<html>login</html>".to_vec()),
+        json(200, serde_json::json!({"token_type": "Bearer", "expires_in": 300})),
+        json(200, serde_json::json!({"access_token": "tok", "expires_in": 0})),
+    ] {
+        let (url, _) = server(answer).await;
+        let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+        assert!(matches!(err, TokenError::InvalidResponse(_)), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let big = vec![b' '; (1 << 20) + 1];
+    let (url, _) = server(Answer::Respond(200, vec![], big)).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::ResponseTooLarge), "with Content-Length: {err:?}");
+    let (url, _) = server(Answer::Chunked(4 << 20)).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::ResponseTooLarge), "chunked: {err:?}");
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let (target, target_seen) = server(json(200, serde_json::json!({"access_token": "tok", "expires_in": 300}))).await;
+    let (url, _) = server(Answer::Respond(307, vec![("Location".into(), target.to_string())], vec![])).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::Redirect { status: 307, .. }), "{err:?}");
+    assert!(target_seen.lock().unwrap().is_empty(), "the client secret was sent to the redirect target");
+}
+
+#[tokio::test]
+async fn realm_not_found_and_bad_scope_have_their_own_errors() {
+    let (url, _) = server(json(404, serde_json::json!({"error": "Realm does not exist"}))).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::NotFound { .. }), "{err:?}");
+    let (url, _) =
+        server(json(400, serde_json::json!({"error": "invalid_scope", "error_description": "Invalid scopes: bogus"})))
+            .await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &["bogus".into()]).await.unwrap_err();
+    assert!(matches!(err, TokenError::InvalidScope { .. }), "{err:?}");
+}
