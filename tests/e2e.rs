@@ -394,6 +394,65 @@ async fn restart_issues_no_new_tokens(env: Arc<Env>) -> Result<()> {
     c.finish().await
 }
 
+/// A token Secret deleted or edited by someone else is restored: the same token where only a
+/// derived key was changed, a new one where the token itself was.
+async fn restores_an_edited_or_deleted_token_secret(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "restore").await?;
+    let client_id = unique("restore");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("r", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("r").await?;
+    let first = c.access_token("r-token").await?;
+
+    // Someone overwrites the header key: it is rewritten from the same token, no new grant.
+    k8s::put_secret(&c.client, &c.ns, "r-token", &[("authorization", "Bearer forged")]).await?;
+    wait_until("authorization restored", Duration::from_secs(15), || async {
+        let d = c.token_secret("r-token").await.ok().flatten().unwrap_or_default();
+        d.get("authorization") == Some(&format!("Bearer {first}"))
+    })
+    .await?;
+    assert!(c.access_token("r-token").await? == first, "the token was replaced for an edit of a derived key");
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 1);
+
+    // Someone replaces the token: a new, real one is issued.
+    k8s::put_secret(&c.client, &c.ns, "r-token", &[("access_token", "forged-token-value")]).await?;
+    wait_until("a real token again", Duration::from_secs(15), || async {
+        let t = c.access_token("r-token").await.unwrap_or_default();
+        t != first && t != "forged-token-value" && !t.is_empty()
+    })
+    .await?;
+    verified_claims(c.kc(), &c.access_token("r-token").await?).await?;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 2);
+
+    // Someone deletes the Secret: it is back within seconds.
+    Api::<Secret>::namespaced(c.client.clone(), &c.ns).delete("r-token", &DeleteParams::default()).await?;
+    wait_until("the token Secret recreated", Duration::from_secs(15), || async {
+        c.token_secret("r-token").await.ok().flatten().is_some_and(|d| d.contains_key("access_token"))
+    })
+    .await?;
+    verified_claims(c.kc(), &c.access_token("r-token").await?).await?;
+    c.ready("r").await?;
+    c.finish().await
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, check: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !check().await {
+        if t.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("[e2e] {what} after {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// Deleting a RegistryAccess deletes its Secret; a foreign Secret of the target name is kept.
 async fn garbage_collection_and_foreign_secrets(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "ownership").await?;
@@ -481,6 +540,7 @@ fn main() {
         rotated_and_wrong_client_secrets,
         survives_a_keycloak_outage,
         restart_issues_no_new_tokens,
+        restores_an_edited_or_deleted_token_secret,
         garbage_collection_and_foreign_secrets,
         client_secrets_stay_in_their_namespace,
     ];
