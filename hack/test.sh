@@ -27,8 +27,9 @@ phase "prerequisites" bash hack/prerequisites.sh
 phase "provision end-to-end tools" bash hack/provision.sh
 phase "cargo fmt --check" cargo fmt --all -- --check
 phase "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
-phase "cargo build --release" cargo build --release --locked
-phase "cargo test (unit, CRD drift, token client, end-to-end)" cargo test --all-targets --locked
+phase "cargo build --release (as the Dockerfile does)" cargo build --release --locked --bin registry-access-operator
+phase "container image checks" bash hack/check-image.sh
+phase "cargo test (unit, CRD drift, token client, end-to-end, Helm chart)" cargo test --all-targets --locked
 
 passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')

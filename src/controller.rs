@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::api::RegistryAccess;
 use crate::credentials::{self, Credentials};
 use crate::decide::{self, Decision, Failure};
+use crate::probes::Readiness;
 use crate::schedule;
 use crate::secret::{self, MANAGER, Observed};
 use crate::status::{self, StatusInputs};
@@ -27,6 +28,8 @@ use crate::token::{self, TokenClient, TokenRequest};
 
 /// How long to wait before retrying after a Kubernetes API error.
 const API_ERROR_RETRY: Duration = Duration::from_secs(5);
+/// How often readiness looks whether the watches have synced.
+const READY_POLL: Duration = Duration::from_millis(250);
 /// A conflicting Secret is re-checked at least this often (its deletion also triggers at once).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
 
@@ -47,11 +50,13 @@ pub enum Error {
 /// Settings of a controller run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Watch only this namespace; all namespaces when `None`.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; all namespaces when empty.
+    pub namespaces: Vec<String>,
     /// Most reconciles in flight at once.
     pub concurrency: u16,
     pub token_client: token::ClientConfig,
+    /// Set once the watches have synced (served on /readyz).
+    pub readiness: Readiness,
 }
 
 /// Handles shared by all reconciles.
@@ -81,12 +86,57 @@ impl Context {
     }
 }
 
-/// Runs the controller until a termination signal arrives.
+/// Runs the controller until a termination signal arrives: one controller over all namespaces,
+/// or one per watched namespace (each with its own watches, all sharing the token client and
+/// the failure records).
 pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
     let tokens = TokenClient::new(config.token_client.clone()).map_err(|e| kube::Error::Service(Box::new(e)))?;
-    let (ras, secrets): (Api<RegistryAccess>, Api<PartialObjectMeta<Secret>>) = match &config.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let ctx = Arc::new(Context::new(client.clone(), tokens));
+    let scopes: Vec<Option<String>> =
+        if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
+    info!(
+        namespaces = if config.namespaces.is_empty() { "<all>".to_owned() } else { config.namespaces.join(",") },
+        concurrency = config.concurrency,
+        "controller starting"
+    );
+    let mut synced = Vec::new();
+    let controllers = scopes.into_iter().map(|scope| {
+        let (store, controller) = controller(client.clone(), scope, config.concurrency, ctx.clone());
+        synced.push(store);
+        controller
+    });
+    let controllers: Vec<_> = controllers.collect();
+    let readiness = config.readiness.clone();
+    tokio::spawn(async move {
+        for store in synced {
+            // The store's ready signal wakes only its latest waiter (the controller), so look
+            // again now and then instead of waiting for a wake-up.
+            loop {
+                match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        info!("watches synced");
+        readiness.set_ready();
+    });
+    futures::future::join_all(controllers).await;
+    info!("controller stopped");
+    Ok(())
+}
+
+/// The controller of one scope (a namespace, or all), and its RegistryAccess store.
+fn controller(
+    client: Client,
+    namespace: Option<String>,
+    concurrency: u16,
+    ctx: Arc<Context>,
+) -> (reflector::Store<RegistryAccess>, impl std::future::Future<Output = ()>) {
+    let (ras, secrets): (Api<RegistryAccess>, Api<PartialObjectMeta<Secret>>) = match namespace.as_deref() {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client)),
     };
     let (store, writer) = reflector::store();
     // Reconcile on spec and annotation changes only: the operator's own status writes do not
@@ -100,13 +150,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
     // RegistryAccess reads and the token Secrets it writes. No Secret data is cached.
     let secret_events = watcher(secrets, watcher::Config::default().any_semantic()).default_backoff().touched_objects();
     let lookup = store.clone();
-    let ctx = Arc::new(Context::new(client, tokens));
-    info!(
-        namespace = config.namespace.as_deref().unwrap_or("<all>"),
-        concurrency = config.concurrency,
-        "controller starting"
-    );
-    Controller::for_stream(ra_events, store)
+    let run = Controller::for_stream(ra_events, store.clone())
         .watches_stream(secret_events, move |s| {
             let ns = s.namespace();
             let name = s.name_any();
@@ -119,20 +163,16 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
                 .map(|ra| ObjectRef::from_obj(&*ra))
                 .collect::<Vec<_>>()
         })
-        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .with_config(ControllerConfig::default().concurrency(concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
-                Ok((obj, _)) => {
-                    debug!(namespace = obj.namespace.as_deref(), name = %obj.name, "reconciled")
-                }
+                Ok((obj, _)) => debug!(namespace = obj.namespace.as_deref(), name = %obj.name, "reconciled"),
                 Err(e) => debug!(error = %e, "reconcile did not complete"),
             }
-        })
-        .await;
-    info!("controller stopped");
-    Ok(())
+        });
+    (store, run)
 }
 
 /// Reconciles one RegistryAccess.

@@ -11,6 +11,7 @@ pub mod controller;
 pub mod credentials;
 pub mod decide;
 pub mod jwt;
+pub mod probes;
 pub mod schedule;
 pub mod secret;
 pub mod status;

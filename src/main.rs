@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::controller::{self, RunConfig};
+use registry_access_operator::probes::{self, Readiness};
 use registry_access_operator::telemetry::{self, LogFormat};
 use registry_access_operator::token;
 
@@ -33,9 +34,13 @@ struct RunArgs {
     /// service account.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// Watch only this namespace. Default: all namespaces.
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only this namespace; repeat the flag (or separate with commas) for several.
+    /// Default: all namespaces.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Address of the /healthz and /readyz endpoints, e.g. `0.0.0.0:8081`. Default: not served.
+    #[arg(long, env = "PROBE_ADDR")]
+    probe_addr: Option<std::net::SocketAddr>,
     /// Log filter, e.g. `info` or `registry_access_operator=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -89,8 +94,19 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let readiness = Readiness::default();
+    if let Some(addr) = args.probe_addr {
+        match probes::serve(addr, readiness.clone()).await {
+            Ok(local) => tracing::info!(addr = %local, "serving /healthz and /readyz"),
+            Err(e) => {
+                tracing::error!(addr = %addr, error = %e, "cannot serve the probe endpoints");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let config = RunConfig {
-        namespace: args.namespace,
+        namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        readiness,
         concurrency: args.concurrency,
         token_client: token::ClientConfig {
             connect_timeout: args.connect_timeout,

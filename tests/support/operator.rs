@@ -44,12 +44,11 @@ impl Operator {
     /// Starts the process again after [`Operator::stop`] or [`Operator::kill`]; logs append.
     pub fn start_again(&mut self) -> Result<()> {
         let mut cmd = Command::new(binary());
-        cmd.arg("run")
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg("--log-level=info,registry_access_operator=debug")
-            .args(&self.args)
-            .env_remove("KUBECONFIG")
-            .env_remove("WATCH_NAMESPACE");
+        cmd.arg("run").arg(format!("--kubeconfig={}", self.kubeconfig.display()));
+        if !self.args.iter().any(|a| a.starts_with("--log-level")) {
+            cmd.arg("--log-level=info,registry_access_operator=debug");
+        }
+        cmd.args(&self.args).env_remove("KUBECONFIG").env_remove("WATCH_NAMESPACE");
         self.proc = Some(Proc::start("operator", cmd, &self.log)?);
         Ok(())
     }

@@ -1,0 +1,53 @@
+{{/* Name of the chart, cut to 63 characters. */}}
+{{- define "rao.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name of the release's objects. */}}
+{{- define "rao.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "rao.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "rao.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Labels that select the operator's pods. */}}
+{{- define "rao.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rao.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Name of the ServiceAccount. */}}
+{{- define "rao.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "rao.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The rules the operator needs; one list for the ClusterRole and the namespaced Roles. */}}
+{{- define "rao.rules" -}}
+# Watch RegistryAccess objects.
+- apiGroups: ["registry-access.io"]
+  resources: ["registryaccesses"]
+  verbs: ["get", "list", "watch"]
+# Write their status (server-side apply is a PATCH).
+- apiGroups: ["registry-access.io"]
+  resources: ["registryaccesses/status"]
+  verbs: ["patch"]
+# Read client Secrets and token Secrets (watched metadata-only), create and update token
+# Secrets with server-side apply (a PATCH, plus create when the Secret does not exist yet).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+{{- end -}}
