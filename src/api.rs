@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "registry-access.io";
 /// Key of the client secret in the referenced Secret when `clientSecretRef.key` is not set.
 pub const DEFAULT_CLIENT_SECRET_KEY: &str = "client_secret";
+/// Annotation on a RegistryAccess that requests a new token at once, once per new value:
+/// `kubectl annotate ra NAME registry-access.io/refresh-requested-at="$(date -Is)" --overwrite`.
+pub const REFRESH_ANNOTATION: &str = "registry-access.io/refresh-requested-at";
 /// Suffix of the token Secret's default name (`<metadata.name>-token`).
 pub const DEFAULT_SECRET_SUFFIX: &str = "-token";
 

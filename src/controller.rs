@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -20,6 +21,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::api::RegistryAccess;
 use crate::credentials::{self, Credentials};
 use crate::decide::{self, Decision, Failure};
+use crate::events::{self, Severity};
+use crate::leader::{self, LeaderConfig, LeaderError};
+use crate::limits::{LimitConfig, Limits};
+use crate::metrics::Metrics;
+use crate::policy;
 use crate::probes::Readiness;
 use crate::schedule;
 use crate::secret::{self, MANAGER, Observed};
@@ -57,19 +63,40 @@ pub struct RunConfig {
     pub token_client: token::ClientConfig,
     /// Set once the watches have synced (served on /readyz).
     pub readiness: Readiness,
+    /// Keycloak servers objects may use (URL prefixes); any when empty.
+    pub allowed_servers: Vec<String>,
+    pub limits: LimitConfig,
+    pub metrics: Arc<Metrics>,
+    /// Name of this operator instance in Events (the pod name in a cluster).
+    pub instance: Option<String>,
+    /// Leader election; `None` runs the controllers at once.
+    pub leader: Option<LeaderConfig>,
 }
 
 /// Handles shared by all reconciles.
 pub struct Context {
     pub client: Client,
     pub tokens: TokenClient,
+    pub metrics: Arc<Metrics>,
+    limits: Limits,
+    recorder: Recorder,
+    allowed_servers: Vec<String>,
     /// Last failure per object uid, until a request for it succeeds.
     failures: Mutex<HashMap<String, Failure>>,
 }
 
 impl Context {
-    pub fn new(client: Client, tokens: TokenClient) -> Self {
-        Self { client, tokens, failures: Mutex::new(HashMap::new()) }
+    pub fn new(client: Client, tokens: TokenClient, config: &RunConfig) -> Self {
+        let reporter = Reporter { controller: MANAGER.to_owned(), instance: config.instance.clone() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            tokens,
+            metrics: config.metrics.clone(),
+            limits: Limits::new(config.limits),
+            allowed_servers: config.allowed_servers.clone(),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     fn failure(&self, uid: &str) -> Option<Failure> {
@@ -86,12 +113,35 @@ impl Context {
     }
 }
 
-/// Runs the controller until a termination signal arrives: one controller over all namespaces,
+/// Why the operator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("building the HTTP client for Keycloak: {0}")]
+    TokenClient(#[source] reqwest::Error),
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
+}
+
+/// Runs the operator until a termination signal arrives; with leader election, only while this
+/// replica holds the Lease.
+pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
+    let tokens = TokenClient::new(config.token_client.clone()).map_err(RunError::TokenClient)?;
+    let ctx = Arc::new(Context::new(client.clone(), tokens, &config));
+    match config.leader.clone() {
+        None => run_controllers(client, &config, ctx).await,
+        Some(leader) => {
+            // A standby replica is healthy and ready: it is waiting for the Lease by design.
+            config.readiness.set_ready();
+            leader::run_as_leader(client.clone(), &leader, || run_controllers(client, &config, ctx)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the controllers until a termination signal arrives: one controller over all namespaces,
 /// or one per watched namespace (each with its own watches, all sharing the token client and
 /// the failure records).
-pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
-    let tokens = TokenClient::new(config.token_client.clone()).map_err(|e| kube::Error::Service(Box::new(e)))?;
-    let ctx = Arc::new(Context::new(client.clone(), tokens));
+async fn run_controllers(client: Client, config: &RunConfig, ctx: Arc<Context>) {
     let scopes: Vec<Option<String>> =
         if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     info!(
@@ -124,7 +174,6 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), kube::Error> {
     });
     futures::future::join_all(controllers).await;
     info!("controller stopped");
-    Ok(())
 }
 
 /// The controller of one scope (a namespace, or all), and its RegistryAccess store.
@@ -141,9 +190,17 @@ fn controller(
     let (store, writer) = reflector::store();
     // Reconcile on spec and annotation changes only: the operator's own status writes do not
     // trigger another round.
+    let metrics = ctx.metrics.clone();
+    let counted = store.clone();
     let ra_events = watcher(ras, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(ra)) = event {
+                metrics.forget_object(&ra.namespace().unwrap_or_default(), &ra.name_any());
+            }
+            metrics.set_objects(counted.len());
+        })
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     // One metadata-only watch of Secrets serves both directions: the client Secrets a
@@ -180,7 +237,10 @@ pub async fn reconcile(ra: Arc<RegistryAccess>, ctx: Arc<Context>) -> Result<Act
     let namespace = ra.namespace().unwrap_or_default();
     let name = ra.name_any();
     let span = info_span!("reconcile", namespace = %namespace, name = %name);
-    reconcile_in(ra, ctx, namespace, name).instrument(span).await
+    let start = std::time::Instant::now();
+    let result = reconcile_in(ra, ctx.clone(), namespace, name).instrument(span).await;
+    ctx.metrics.reconciled(start.elapsed(), result.is_err());
+    result
 }
 
 async fn reconcile_in(
@@ -213,7 +273,19 @@ async fn reconcile_in(
     // Decide.
     let now = Timestamp::now();
     let observed = secret::observe(&ra, live.as_ref());
-    let credentials = credentials::extract(&ra, client_secret.as_ref());
+    let credentials = if policy::server_allowed(&ra.spec.server, &ctx.allowed_servers) {
+        credentials::extract(&ra, client_secret.as_ref())
+    } else {
+        Err(credentials::Problem {
+            reason: status::reason::SERVER_NOT_ALLOWED,
+            message: format!(
+                "spec.server {} is not among the Keycloak servers this operator may use ({}); no request was sent",
+                ra.spec.server,
+                ctx.allowed_servers.join(", ")
+            ),
+            transient: false,
+        })
+    };
     let inputs = credentials.as_ref().ok().map(|c| c.inputs.clone());
     let renew_before = ra.spec.renew_before.filter(|d| !d.is_negative()).map(Duration::from);
     let failure = ctx.failure(&uid);
@@ -240,6 +312,7 @@ async fn reconcile_in(
             })
         }
     };
+    let mut issued = false;
     let (held, failure, conflict, next) = match decision {
         Decision::Conflict => {
             warn!(secret = %secret_name, "token Secret exists and is not owned by this RegistryAccess; leaving it untouched");
@@ -264,7 +337,7 @@ async fn reconcile_in(
                 Observed::Held(h) => Some(h.token.clone()),
                 _ => None,
             };
-            match fetch(&ra, &ctx, credentials.as_ref(), now).await {
+            match fetch(&ra, &ctx, credentials.as_ref()).await {
                 Ok((token, inputs)) => {
                     write_secret(secret::build(&ra, &token, &inputs)).await?;
                     info!(
@@ -274,6 +347,7 @@ async fn reconcile_in(
                         "token refreshed"
                     );
                     ctx.set_failure(&uid, None);
+                    issued = true;
                     let plan = decide::renewal(
                         &Observed::Held(secret::HeldToken { token: token.clone(), inputs: Some(inputs) }),
                         renew_before,
@@ -341,6 +415,28 @@ async fn reconcile_in(
             .await
             .map_err(|source| Error::ApplyStatus { namespace: namespace.clone(), name: name.clone(), source })?;
     }
+    ctx.metrics.set_object(
+        &namespace,
+        &name,
+        held.as_ref().map(|t| t.expires_at.as_second()),
+        held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict,
+    );
+    let reference = ra.object_ref(&());
+    for notice in events::notices(ra.status.as_ref(), &status, issued) {
+        let event = KubeEvent {
+            type_: match notice.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
+            reason: notice.reason,
+            note: Some(notice.note),
+            action: "RefreshToken".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "cannot write an Event");
+        }
+    }
 
     // Look again at the next renewal or retry time; a token that expires meanwhile is reported.
     let next = match held.as_ref().map(|t| t.expires_at) {
@@ -357,7 +453,6 @@ async fn fetch(
     ra: &RegistryAccess,
     ctx: &Context,
     credentials: Result<&Credentials, &credentials::Problem>,
-    now: Timestamp,
 ) -> Result<(token::IssuedToken, String), credentials::Problem> {
     let credentials = credentials.map_err(Clone::clone)?;
     let url = token::token_url(&ra.spec.server, &ra.spec.realm).map_err(|message| credentials::Problem {
@@ -372,7 +467,12 @@ async fn fetch(
         auth_method: ra.spec.client_auth_method,
         scopes: &ra.spec.scopes,
     };
-    ctx.tokens.request(&request, now).await.map(|t| (t, credentials.inputs.clone())).map_err(|e| credentials::Problem {
+    let _permit = ctx.limits.acquire(url.origin().ascii_serialization().as_str()).await;
+    let timer = ctx.metrics.token_request();
+    // The expiry counts from when the request is sent, after any wait for a permit.
+    let result = ctx.tokens.request(&request, Timestamp::now()).await;
+    timer.finish(result.as_ref().err().map(status::reason_for));
+    result.map(|t| (t, credentials.inputs.clone())).map_err(|e| credentials::Problem {
         reason: status::reason_for(&e),
         message: e.to_string(),
         transient: e.is_transient(),

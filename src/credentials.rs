@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use secrecy::SecretString;
 
-use crate::api::RegistryAccess;
+use crate::api::{REFRESH_ANNOTATION, RegistryAccess};
 use crate::status::reason;
 
 /// The client secret and the digest of the request inputs it belongs to.
@@ -67,6 +67,13 @@ pub fn inputs_digest(ra: &RegistryAccess, secret: &Secret) -> String {
         &s.client_secret_ref.key,
         secret.metadata.uid.as_deref().unwrap_or_default(),
         secret.metadata.resource_version.as_deref().unwrap_or_default(),
+        // A new value of the refresh annotation is a request for a new token.
+        ra.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REFRESH_ANNOTATION))
+            .map(String::as_str)
+            .unwrap_or_default(),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
@@ -123,6 +130,19 @@ mod tests {
         same.spec.registry_url = None;
         let d = extract(&same, Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
         assert_eq!(a, d, "registryUrl does not need a new token");
+    }
+
+    #[test]
+    fn a_new_refresh_request_changes_the_inputs_once() {
+        let secret = client_secret("client_secret", b"x", "1");
+        let plain = extract(&ra(), Some(&secret)).unwrap().inputs;
+        let mut asked = ra();
+        asked.metadata.annotations = Some([(REFRESH_ANNOTATION.to_owned(), "2026-01-01T00:00:00Z".to_owned())].into());
+        let first = extract(&asked, Some(&secret)).unwrap().inputs;
+        assert_ne!(plain, first);
+        assert_eq!(first, extract(&asked, Some(&secret)).unwrap().inputs, "the same value asks only once");
+        asked.metadata.annotations = Some([(REFRESH_ANNOTATION.to_owned(), "again".to_owned())].into());
+        assert_ne!(first, extract(&asked, Some(&secret)).unwrap().inputs);
     }
 
     #[test]

@@ -9,9 +9,14 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::controller::{self, RunConfig};
+use registry_access_operator::leader::LeaderConfig;
+use registry_access_operator::limits::{self, LimitConfig};
+use registry_access_operator::metrics::Metrics;
+use registry_access_operator::policy;
 use registry_access_operator::probes::{self, Readiness};
 use registry_access_operator::telemetry::{self, LogFormat};
 use registry_access_operator::token;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(version, about = "Keeps a fresh Keycloak access token in a Secret for every RegistryAccess")]
@@ -25,7 +30,7 @@ enum Command {
     /// Print the RegistryAccess CustomResourceDefinition as YAML.
     Crd,
     /// Run the controller (in a cluster, or with a kubeconfig).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
@@ -38,9 +43,39 @@ struct RunArgs {
     /// Default: all namespaces.
     #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
     namespaces: Vec<String>,
-    /// Address of the /healthz and /readyz endpoints, e.g. `0.0.0.0:8081`. Default: not served.
+    /// Address of the /healthz, /readyz and /metrics endpoints, e.g. `0.0.0.0:8081`. Default:
+    /// not served.
     #[arg(long, env = "PROBE_ADDR")]
     probe_addr: Option<std::net::SocketAddr>,
+    /// Keycloak servers RegistryAccess objects may use, as URL prefixes (repeat, or separate
+    /// with commas), e.g. `https://keycloak.example.com/auth`. Default: any server.
+    #[arg(long = "allowed-server", env = "ALLOWED_SERVERS", value_delimiter = ',')]
+    allowed_servers: Vec<String>,
+    /// Run only while holding a Lease, so that of several replicas only one writes.
+    #[arg(long, env = "LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the Lease. Default: $POD_NAMESPACE, else `default`.
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "registry-access-operator")]
+    leader_election_lease_name: String,
+    /// How long the Lease stays valid after the holder's last renewal, e.g. `15s`: the longest
+    /// a failed leader blocks a standby.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_election_lease_duration: Duration,
+    /// The holder renews the Lease this long before it would expire.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    leader_election_renew_grace: Duration,
+    /// Most token requests in flight for the whole operator.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_IN_FLIGHT)]
+    max_requests_in_flight: usize,
+    /// Most token requests in flight to one Keycloak server.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_IN_FLIGHT_PER_SERVER)]
+    max_requests_in_flight_per_server: usize,
+    /// Most token requests per second to one Keycloak server.
+    #[arg(long, default_value_t = limits::DEFAULT_PER_SERVER_PER_SECOND)]
+    max_requests_per_second_per_server: u32,
     /// Log filter, e.g. `info` or `registry_access_operator=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -80,7 +115,7 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
@@ -94,9 +129,15 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let allowed_servers: Vec<String> = args.allowed_servers.into_iter().filter(|s| !s.is_empty()).collect();
+    if let Err(e) = policy::validate_prefixes(&allowed_servers) {
+        tracing::error!(error = %e, "invalid --allowed-server");
+        return ExitCode::FAILURE;
+    }
     let readiness = Readiness::default();
+    let metrics = Arc::new(Metrics::new());
     if let Some(addr) = args.probe_addr {
-        match probes::serve(addr, readiness.clone()).await {
+        match probes::serve(addr, readiness.clone(), metrics.clone()).await {
             Ok(local) => tracing::info!(addr = %local, "serving /healthz and /readyz"),
             Err(e) => {
                 tracing::error!(addr = %addr, error = %e, "cannot serve the probe endpoints");
@@ -107,6 +148,26 @@ async fn run(args: RunArgs) -> ExitCode {
     let config = RunConfig {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         readiness,
+        allowed_servers,
+        limits: LimitConfig {
+            max_in_flight: args.max_requests_in_flight,
+            max_in_flight_per_server: args.max_requests_in_flight_per_server,
+            per_server_per_second: args.max_requests_per_second_per_server,
+        },
+        metrics,
+        instance: std::env::var("POD_NAME").ok(),
+        leader: args.leader_election.then(|| LeaderConfig {
+            namespace: args
+                .leader_election_namespace
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".to_owned()),
+            lease_name: args.leader_election_lease_name,
+            identity: std::env::var("POD_NAME").unwrap_or_else(|_| {
+                format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into()), std::process::id())
+            }),
+            lease_duration: args.leader_election_lease_duration,
+            renew_grace: args.leader_election_renew_grace,
+        }),
         concurrency: args.concurrency,
         token_client: token::ClientConfig {
             connect_timeout: args.connect_timeout,

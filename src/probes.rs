@@ -1,5 +1,5 @@
-//! The operator's HTTP endpoints for the kubelet: `/healthz` (the process serves) and `/readyz`
-//! (its watches have synced).
+//! The operator's HTTP endpoints: `/healthz` (the process serves), `/readyz` (its watches have
+//! synced) and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +10,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 /// Whether the operator is ready: set once the RegistryAccess cache has synced.
 #[derive(Debug, Default, Clone)]
@@ -25,17 +27,34 @@ impl Readiness {
     }
 }
 
+#[derive(Clone)]
+struct Shared {
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+}
+
 /// The routes, separate from the listener so that tests can call them directly.
-pub fn router(readiness: Readiness) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(readiness)
+pub fn router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(Shared { readiness, metrics })
+}
+
+async fn metrics_text(State(shared): State<Shared>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        shared.metrics.render(),
+    )
 }
 
 async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, &'static str) {
-    if readiness.is_ready() {
+async fn readyz(State(shared): State<Shared>) -> (StatusCode, &'static str) {
+    if shared.readiness.is_ready() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "watches not synced yet")
@@ -43,11 +62,11 @@ async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, &'static str
 }
 
 /// Binds `addr` (fails at once if it cannot) and serves the endpoints in the background.
-pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, readiness: Readiness, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(readiness)).await {
+        if let Err(e) = axum::serve(listener, router(readiness, metrics)).await {
             tracing::error!(error = %e, "probe server stopped");
         }
     });
@@ -70,11 +89,12 @@ mod tests {
     #[tokio::test]
     async fn readyz_turns_ok_once_synced() {
         let readiness = Readiness::default();
-        let addr = serve("127.0.0.1:0".parse().unwrap(), readiness.clone()).await.unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), readiness.clone(), Arc::new(Metrics::new())).await.unwrap();
         assert_eq!(get_status(addr, "/healthz").await, 200);
         assert_eq!(get_status(addr, "/readyz").await, 503);
         readiness.set_ready();
         assert_eq!(get_status(addr, "/readyz").await, 200);
+        assert_eq!(get_status(addr, "/metrics").await, 200);
         assert_eq!(get_status(addr, "/nope").await, 404);
     }
 }

@@ -32,6 +32,7 @@ pub mod reason {
     pub const UNEXPECTED_REDIRECT: &str = "UnexpectedRedirect";
     pub const INVALID_TOKEN_RESPONSE: &str = "InvalidTokenResponse";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SERVER_NOT_ALLOWED: &str = "ServerNotAllowed";
 }
 
 /// The condition reason for a failed token request.

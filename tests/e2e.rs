@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{DeleteParams, ListParams};
@@ -453,6 +454,227 @@ where
     Ok(())
 }
 
+/// Only the allowed Keycloak servers are used; another gets ServerNotAllowed and no request.
+async fn allow_list_refuses_other_servers(env: Arc<Env>) -> Result<()> {
+    let allowed = format!("--allowed-server={}", env.keycloak.base_url);
+    let c = Case::with_operator_args(env, "allowlist", &[allowed.as_str()]).await?;
+    let client_id = unique("allow");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("good", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("good").await?;
+    // The same Keycloak under another name is another server as far as the list is concerned.
+    let mut spec = c.spec(c.kc(), &client_id, "creds");
+    spec["server"] = json!(c.kc().base_url.replace("127.0.0.1", "localhost"));
+    c.ra("bad", spec).await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "bad", "Ready", "False", "ServerNotAllowed", Duration::from_secs(20)).await?;
+    assert!(condition(&s, "Ready").ok_or("no Ready")?.2.contains("localhost"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 1, "a request went to a server that is not allowed");
+    assert!(c.token_secret("bad-token").await?.is_none());
+    c.finish().await
+}
+
+/// Scrapes /metrics until `pred` holds for the text.
+async fn scrape_until(port: u16, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    loop {
+        let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await?.text().await?;
+        if pred(&text) {
+            return Ok(text);
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("metrics never showed {what}:\n{text}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The value of the first sample line that starts with `prefix`.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// Events of a namespace: (type, reason) in order.
+async fn events_of(c: &Case) -> Result<Vec<(String, String)>> {
+    let events: Api<Event> = Api::namespaced(c.client.clone(), &c.ns);
+    let mut list = events.list(&ListParams::default()).await?.items;
+    list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    Ok(list.into_iter().map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default())).collect())
+}
+
+/// Metrics and Events follow tokens and failures; routine refreshes write no Event.
+async fn metrics_and_events_follow_tokens_and_failures(env: Arc<Env>) -> Result<()> {
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_operator_args(env, "observe", &[probe.as_str()]).await?;
+    let client_id = unique("observe");
+    let client = c.kc().create_client(REALM, &client_id, Some(20), true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("obs", c.spec(c.kc(), &client_id, "creds")).await?;
+    let status = c.ready("obs").await?;
+    let expiry = status.expires_at.ok_or("no expiresAt")?.0.as_second();
+    let ready = r#"registry_access_ready{namespace="e2e-observe",name="obs"}"#;
+    let expiry_line = r#"registry_access_token_expiry_timestamp_seconds{namespace="e2e-observe",name="obs"}"#;
+    let text = scrape_until(port, "the object ready", |t| sample(t, ready) == Some(1.0)).await?;
+    assert!(sample(&text, expiry_line).is_some_and(|v| v as i64 >= expiry), "{text}");
+    assert!(sample(&text, r#"registry_access_token_requests_total{result="success""#).is_some_and(|v| v >= 1.0));
+    assert!(sample(&text, "registry_access_managed_objects").is_some_and(|v| v >= 1.0));
+    assert!(sample(&text, "registry_access_reconciles_total").is_some_and(|v| v >= 1.0));
+    assert!(sample(&text, "registry_access_keycloak_request_duration_seconds_count").is_some_and(|v| v >= 1.0));
+
+    // A routine refresh moves the expiry gauge and writes no Event.
+    let first = c.access_token("obs-token").await?;
+    wait_until("a routine refresh", Duration::from_secs(30), || async {
+        c.access_token("obs-token").await.unwrap_or_default() != first
+    })
+    .await?;
+    scrape_until(port, "the expiry moved", |t| sample(t, expiry_line).is_some_and(|v| v as i64 > expiry)).await?;
+    assert_eq!(events_of(&c).await?, vec![("Normal".to_owned(), "TokenIssued".to_owned())]);
+
+    // Failing: counted by reason, one Warning Event however many retries.
+    c.client_secret("creds", "not-the-secret").await?;
+    wait_condition(&c.client, &c.ns, "obs", "Degraded", "True", "InvalidClientCredentials", Duration::from_secs(20))
+        .await?;
+    scrape_until(port, "the failure counted", |t| {
+        sample(t, r#"registry_access_token_requests_total{result="failure",reason="InvalidClientCredentials"}"#)
+            .is_some_and(|v| v >= 2.0)
+    })
+    .await?;
+    let warnings = events_of(&c).await?.into_iter().filter(|e| e.0 == "Warning").count();
+    assert_eq!(warnings, 1, "{:?}", events_of(&c).await?);
+
+    // Fixed: recovered, announced once.
+    c.client_secret("creds", &client.secret).await?;
+    wait_condition(&c.client, &c.ns, "obs", "Degraded", "False", "RefreshSucceeded", Duration::from_secs(20)).await?;
+    let events = events_of(&c).await?;
+    let reasons: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(reasons, ["TokenIssued", "InvalidClientCredentials", "Recovered"], "{events:?}");
+    c.finish().await
+}
+
+/// The refresh annotation issues one new token per new value.
+async fn refresh_on_demand(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "on-demand").await?;
+    let client_id = unique("ondemand");
+    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
+    c.client_secret("creds", &client.secret).await?;
+    c.ra("od", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("od").await?;
+    let first = c.access_token("od-token").await?;
+    let annotate = |value: &str| {
+        c.env.cluster.kubectl(&[
+            "annotate",
+            "-n",
+            &c.ns,
+            "registryaccess",
+            "od",
+            &format!("registry-access.io/refresh-requested-at={value}"),
+            "--overwrite",
+        ])
+    };
+    annotate("2026-11-29T12:00:00Z")?;
+    wait_until("a token refreshed on demand", Duration::from_secs(15), || async {
+        c.access_token("od-token").await.unwrap_or_default() != first
+    })
+    .await?;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 2);
+    // Another annotation, same request value: nothing new.
+    c.env.cluster.kubectl(&["annotate", "-n", &c.ns, "registryaccess", "od", "note=unrelated", "--overwrite"])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 2, "the same request value issued another token");
+    let second = c.access_token("od-token").await?;
+    annotate("again")?;
+    wait_until("a second refresh on demand", Duration::from_secs(15), || async {
+        c.access_token("od-token").await.unwrap_or_default() != second
+    })
+    .await?;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 3);
+    c.finish().await
+}
+
+/// 200 objects due at once: requests spread and capped, every object Ready.
+async fn startup_with_many_objects_is_spread_and_capped(env: Arc<Env>) -> Result<()> {
+    const OBJECTS: usize = 200;
+    const IN_FLIGHT: f64 = 4.0;
+    const PER_SECOND: usize = 20;
+    let client = env.cluster.client().await?;
+    let ns = "e2e-herd";
+    k8s::create_namespace(&client, ns).await?;
+    let client_id = unique("herd");
+    let kc_client = env.keycloak.create_client(REALM, &client_id, None, true).await?;
+    k8s::put_secret(&client, ns, "creds", &[("client_secret", &kc_client.secret)]).await?;
+    let spec = json!({"server": env.keycloak.base_url, "realm": REALM, "clientId": client_id, "clientSecretRef": {"name": "creds"}});
+    futures::stream::iter(0..OBJECTS)
+        .map(|i| {
+            let (client, spec) = (client.clone(), spec.clone());
+            async move { k8s::apply_ra(&client, ns, &format!("ra-{i:03}"), spec).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+
+    let port = support::process::free_port()?;
+    let args = [
+        format!("--namespace={ns}"),
+        format!("--probe-addr=127.0.0.1:{port}"),
+        format!("--max-requests-in-flight={IN_FLIGHT}"),
+        format!("--max-requests-per-second-per-server={PER_SECOND}"),
+        "--log-level=info".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let mut operator = Operator::start(&env.cluster.kubeconfig, &env.path().join("operator-herd.log"), &args)?;
+    let http = reqwest::Client::new();
+    let mut peak: f64 = 0.0;
+    let ras: Api<RegistryAccess> = Api::namespaced(client.clone(), ns);
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await
+            && let Ok(text) = r.text().await
+            && let Some(v) = sample(&text, "registry_access_token_requests_in_flight")
+        {
+            peak = peak.max(v);
+        }
+        let ready = ras
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|r| r.status.as_ref().and_then(|s| condition(s, "Ready")).is_some_and(|c| c.0 == "True"))
+            .count();
+        if ready == OBJECTS {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(format!("only {ready} of {OBJECTS} objects Ready after 120 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "[e2e] {OBJECTS} objects Ready {:.1}s after the operator started; in-flight peak {peak}",
+        t.elapsed().as_secs_f64()
+    );
+    let times = env.keycloak.grant_times(REALM, &client_id).await?;
+    assert_eq!(times.len(), OBJECTS, "one grant per object");
+    assert!(peak <= IN_FLIGHT, "in-flight peak {peak} above the cap {IN_FLIGHT}");
+    // Spread: at the paced rate 200 requests take ~9 s; never more than a burst plus a second's
+    // worth in any one second.
+    let span = (times[OBJECTS - 1] - times[0]) as f64 / 1000.0;
+    assert!(span >= ((OBJECTS - PER_SECOND) / PER_SECOND) as f64 * 0.8, "200 grants within {span:.1}s: bunched");
+    let busiest =
+        times.iter().map(|t0| times.iter().filter(|t| **t >= *t0 && **t < t0 + 1000).count()).max().unwrap_or(0);
+    // A burst of one second's worth plus the paced second, and a little for request latency.
+    assert!(busiest <= 2 * PER_SECOND + 5, "{busiest} grants in one second");
+    eprintln!("[e2e] grants spread over {span:.1}s, at most {busiest} in one second");
+    operator.check_alive()?;
+    operator.stop();
+    Ok(())
+}
+
 /// Deleting a RegistryAccess deletes its Secret; a foreign Secret of the target name is kept.
 async fn garbage_collection_and_foreign_secrets(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "ownership").await?;
@@ -541,6 +763,10 @@ fn main() {
         survives_a_keycloak_outage,
         restart_issues_no_new_tokens,
         restores_an_edited_or_deleted_token_secret,
+        allow_list_refuses_other_servers,
+        metrics_and_events_follow_tokens_and_failures,
+        refresh_on_demand,
+        startup_with_many_objects_is_spread_and_capped,
         garbage_collection_and_foreign_secrets,
         client_secrets_stay_in_their_namespace,
     ];

@@ -243,6 +243,22 @@ impl Keycloak {
         Ok(events.as_array().map(Vec::len).unwrap_or(0))
     }
 
+    /// When Keycloak recorded each client_credentials grant of a client (Unix milliseconds).
+    pub async fn grant_times(&self, realm: &str, client_id: &str) -> Result<Vec<i64>> {
+        let events: Value = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("{realm}/events?type=CLIENT_LOGIN&client={client_id}&max=100000"),
+                None,
+            )
+            .await?
+            .json()
+            .await?;
+        let mut times: Vec<i64> = events.as_array().into_iter().flatten().filter_map(|e| e["time"].as_i64()).collect();
+        times.sort_unstable();
+        Ok(times)
+    }
+
     /// The realm's published signing keys.
     pub async fn jwks(&self, realm: &str) -> Result<jsonwebtoken::jwk::JwkSet> {
         let url = format!("{}/realms/{realm}/protocol/openid-connect/certs", self.base_url);

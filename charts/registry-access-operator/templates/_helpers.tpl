@@ -50,4 +50,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Write Events on RegistryAccess objects (first token, refresh failing, recovered, conflict);
+# repeated Events are patched into a series.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+
+{{/* True when leader election is on: explicitly, or by default with more than one replica. */}}
+{{- define "rao.leaderElection" -}}
+{{- $e := .Values.leaderElection.enabled -}}
+{{- if eq (toString $e) "auto" -}}
+{{- if gt (int .Values.replicaCount) 1 -}}true{{- end -}}
+{{- else if $e -}}true{{- end -}}
 {{- end -}}

@@ -1,0 +1,135 @@
+//! Which Kubernetes Events the operator writes: only what a user must notice (first token,
+//! refresh failing, recovered, expired, conflict), never one per routine refresh.
+
+use crate::api::RegistryAccessStatus;
+use crate::status::{DEGRADED, READY, find, reason};
+
+/// Severity of an Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// An Event to write on the RegistryAccess.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub severity: Severity,
+    pub reason: String,
+    pub note: String,
+}
+
+/// The Events for the change from `previous` to `next` status; `issued` is true when this
+/// reconcile wrote a new token.
+pub fn notices(previous: Option<&RegistryAccessStatus>, next: &RegistryAccessStatus, issued: bool) -> Vec<Notice> {
+    let cond = |s: Option<&RegistryAccessStatus>, t: &str| {
+        s.and_then(|s| find(s, t)).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let (prev_ready, prev_degraded) = (cond(previous, READY), cond(previous, DEGRADED));
+    let (ready, degraded) = (cond(Some(next), READY), cond(Some(next), DEGRADED));
+    let mut out = Vec::new();
+    let had_token = previous.is_some_and(|p| p.expires_at.is_some());
+    let was_degraded = prev_degraded.as_ref().is_some_and(|d| d.0 == "True");
+
+    if let Some((_, r, m)) = &ready
+        && r == reason::SECRET_CONFLICT
+    {
+        if prev_ready.as_ref().is_none_or(|p| p.1 != reason::SECRET_CONFLICT) {
+            out.push(Notice { severity: Severity::Warning, reason: r.clone(), note: m.clone() });
+        }
+        return out;
+    }
+    if issued && !had_token {
+        let note = match &next.expires_at {
+            Some(t) => format!("first token issued, valid until {}", t.0),
+            None => "first token issued".to_owned(),
+        };
+        out.push(Notice { severity: Severity::Normal, reason: "TokenIssued".into(), note });
+    }
+    match &degraded {
+        Some((s, r, m)) if s == "True" => {
+            if !was_degraded || prev_degraded.as_ref().is_some_and(|p| &p.1 != r) {
+                out.push(Notice { severity: Severity::Warning, reason: r.clone(), note: m.clone() });
+            }
+        }
+        _ => {
+            if was_degraded && issued {
+                out.push(Notice {
+                    severity: Severity::Normal,
+                    reason: "Recovered".into(),
+                    note: "a token was issued again after failures".into(),
+                });
+            }
+        }
+    }
+    if let Some((s, r, m)) = &ready
+        && s == "False"
+        && r == reason::TOKEN_EXPIRED
+        && prev_ready.as_ref().is_none_or(|p| p.1 != reason::TOKEN_EXPIRED)
+    {
+        out.push(Notice { severity: Severity::Warning, reason: r.clone(), note: m.clone() });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::Timestamp;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn status(ready: (&str, &str), degraded: (&str, &str), token: bool) -> RegistryAccessStatus {
+        let c = |t: &str, (s, r): (&str, &str)| Condition {
+            type_: t.into(),
+            status: s.into(),
+            reason: r.into(),
+            message: format!("{r} message"),
+            observed_generation: None,
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        };
+        RegistryAccessStatus {
+            expires_at: token.then_some(Time(Timestamp::UNIX_EPOCH)),
+            conditions: vec![c(READY, ready), c(DEGRADED, degraded)],
+            ..Default::default()
+        }
+    }
+
+    fn reasons(v: Vec<Notice>) -> Vec<String> {
+        v.into_iter().map(|n| n.reason).collect()
+    }
+
+    const OK: (&str, &str) = ("True", "TokenValid");
+    const FINE: (&str, &str) = ("False", "RefreshSucceeded");
+
+    #[test]
+    fn the_first_token_is_announced_routine_refreshes_are_not() {
+        let issuing = status(("False", "Issuing"), FINE, false);
+        let ready = status(OK, FINE, true);
+        assert_eq!(reasons(notices(None, &ready, true)), ["TokenIssued"]);
+        assert_eq!(reasons(notices(Some(&issuing), &ready, true)), ["TokenIssued"]);
+        assert!(notices(Some(&ready), &ready, true).is_empty(), "a routine refresh writes no Event");
+        assert!(notices(Some(&ready), &ready, false).is_empty());
+    }
+
+    #[test]
+    fn failing_is_announced_once_per_reason_and_recovery_once() {
+        let ready = status(OK, FINE, true);
+        let failing = status(OK, ("True", "KeycloakUnavailable"), true);
+        let other = status(OK, ("True", "InvalidClientCredentials"), true);
+        assert_eq!(reasons(notices(Some(&ready), &failing, false)), ["KeycloakUnavailable"]);
+        assert!(notices(Some(&failing), &failing, false).is_empty(), "each retry is not an Event");
+        assert_eq!(reasons(notices(Some(&failing), &other, false)), ["InvalidClientCredentials"]);
+        assert_eq!(reasons(notices(Some(&other), &ready, true)), ["Recovered"]);
+    }
+
+    #[test]
+    fn expiry_and_conflict_are_announced() {
+        let failing = status(OK, ("True", "KeycloakUnavailable"), true);
+        let expired = status(("False", "TokenExpired"), ("True", "KeycloakUnavailable"), true);
+        assert_eq!(reasons(notices(Some(&failing), &expired, false)), ["TokenExpired"]);
+        assert!(notices(Some(&expired), &expired, false).is_empty());
+        let conflict = status(("False", "SecretConflict"), ("True", "SecretConflict"), false);
+        assert_eq!(reasons(notices(None, &conflict, false)), ["SecretConflict"]);
+        assert!(notices(Some(&conflict), &conflict, false).is_empty());
+    }
+}

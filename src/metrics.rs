@@ -1,0 +1,225 @@
+//! Prometheus metrics, all prefixed `registry_access_`, rendered in the text exposition format
+//! on `/metrics`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels naming one RegistryAccess.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Labels of a token request's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `success` or `failure`.
+    pub result: String,
+    /// The condition reason of a failure; empty for a success.
+    pub reason: String,
+}
+
+/// All of the operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    token_expiry: Family<ObjectLabels, Gauge<i64>>,
+    ready: Family<ObjectLabels, Gauge<i64>>,
+    token_requests: Family<RequestLabels, Counter>,
+    keycloak_duration: Histogram,
+    in_flight: Gauge<i64>,
+    reconciles: Counter,
+    reconcile_errors: Counter,
+    reconcile_duration: Histogram,
+    objects: Gauge<i64>,
+    /// Serializes rendering (the registry's encoder needs exclusive access to nothing, but one
+    /// scrape at a time keeps the output consistent).
+    render: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("registry_access");
+        let token_expiry = Family::<ObjectLabels, Gauge<i64>>::default();
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "Unix time when the token in the object's Secret expires",
+            token_expiry.clone(),
+        );
+        let ready = Family::<ObjectLabels, Gauge<i64>>::default();
+        registry.register("ready", "1 when the object's Secret holds an unexpired token, else 0", ready.clone());
+        let token_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "token_requests",
+            "Token requests sent to Keycloak, by result and reason",
+            token_requests.clone(),
+        );
+        // 5 ms to ~20 s.
+        let keycloak_duration = Histogram::new(exponential_buckets(0.005, 2.0, 13));
+        registry.register(
+            "keycloak_request_duration_seconds",
+            "Duration of token requests to Keycloak",
+            keycloak_duration.clone(),
+        );
+        let in_flight = Gauge::<i64>::default();
+        registry.register("token_requests_in_flight", "Token requests currently in flight", in_flight.clone());
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        let reconcile_errors = Counter::default();
+        registry.register("reconcile_errors", "Reconciles that failed at the Kubernetes API", reconcile_errors.clone());
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register("reconcile_duration_seconds", "Duration of reconciles", reconcile_duration.clone());
+        let objects = Gauge::<i64>::default();
+        registry.register("managed_objects", "RegistryAccess objects the operator manages", objects.clone());
+        Self {
+            registry,
+            token_expiry,
+            ready,
+            token_requests,
+            keycloak_duration,
+            in_flight,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            objects,
+            render: Mutex::new(()),
+        }
+    }
+
+    /// Records the state of one object after a reconcile.
+    pub fn set_object(&self, namespace: &str, name: &str, expires_at: Option<i64>, ready: bool) {
+        let labels = ObjectLabels { namespace: namespace.to_owned(), name: name.to_owned() };
+        match expires_at {
+            Some(t) => {
+                self.token_expiry.get_or_create(&labels).set(t);
+            }
+            None => {
+                self.token_expiry.remove(&labels);
+            }
+        }
+        self.ready.get_or_create(&labels).set(i64::from(ready));
+    }
+
+    /// Forgets a deleted object.
+    pub fn forget_object(&self, namespace: &str, name: &str) {
+        let labels = ObjectLabels { namespace: namespace.to_owned(), name: name.to_owned() };
+        self.token_expiry.remove(&labels);
+        self.ready.remove(&labels);
+    }
+
+    pub fn set_objects(&self, n: usize) {
+        self.objects.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Marks a token request as started; the guard records its outcome and duration.
+    pub fn token_request(&self) -> RequestTimer<'_> {
+        self.in_flight.inc();
+        RequestTimer { metrics: self, start: std::time::Instant::now(), done: false }
+    }
+
+    pub fn reconciled(&self, took: Duration, failed: bool) {
+        self.reconciles.inc();
+        if failed {
+            self.reconcile_errors.inc();
+        }
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let _one = self.render.lock();
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// An in-flight token request.
+pub struct RequestTimer<'a> {
+    metrics: &'a Metrics,
+    start: std::time::Instant,
+    done: bool,
+}
+
+impl RequestTimer<'_> {
+    /// Records the outcome: `None` for a success, else the failure's condition reason.
+    pub fn finish(mut self, failure_reason: Option<&str>) {
+        self.done = true;
+        let m = self.metrics;
+        m.in_flight.dec();
+        m.keycloak_duration.observe(self.start.elapsed().as_secs_f64());
+        let labels = match failure_reason {
+            None => RequestLabels { result: "success".into(), reason: String::new() },
+            Some(r) => RequestLabels { result: "failure".into(), reason: r.to_owned() },
+        };
+        m.token_requests.get_or_create(&labels).inc();
+    }
+}
+
+impl Drop for RequestTimer<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Cancelled (e.g. shutdown): no longer in flight.
+            self.metrics.in_flight.dec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_metrics_that_move() {
+        let m = Metrics::new();
+        m.set_object("billing", "consent-02", Some(1_700_000_300), true);
+        let t = m.token_request();
+        assert!(m.render().contains("registry_access_token_requests_in_flight 1"));
+        t.finish(None);
+        m.token_request().finish(Some("KeycloakUnavailable"));
+        m.reconciled(Duration::from_millis(3), false);
+        m.set_objects(1);
+        let text = m.render();
+        for line in [
+            r#"registry_access_token_expiry_timestamp_seconds{namespace="billing",name="consent-02"} 1700000300"#,
+            r#"registry_access_ready{namespace="billing",name="consent-02"} 1"#,
+            r#"registry_access_token_requests_total{result="success",reason=""} 1"#,
+            r#"registry_access_token_requests_total{result="failure",reason="KeycloakUnavailable"} 1"#,
+            "registry_access_token_requests_in_flight 0",
+            "registry_access_keycloak_request_duration_seconds_count 2",
+            "registry_access_reconciles_total 1",
+            "registry_access_managed_objects 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        m.forget_object("billing", "consent-02");
+        assert!(!m.render().contains("consent-02"));
+    }
+
+    #[test]
+    fn a_dropped_request_is_no_longer_in_flight() {
+        let m = Metrics::new();
+        drop(m.token_request());
+        assert!(m.render().contains("registry_access_token_requests_in_flight 0"));
+    }
+}
