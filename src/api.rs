@@ -103,6 +103,53 @@ pub struct RegistryAccessSpec {
     /// RegistryAccess and deleted with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretTemplate>,
+
+    /// TLS settings of the connection to Keycloak, for a server whose certificate is signed by a
+    /// private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// Trust for Keycloak's certificate, in addition to the system's root CAs and the operator's
+/// --ca-bundle-file. Set caBundle or caBundleRef, not both.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.caBundle) && has(self.caBundleRef))").message("set tls.caBundle or tls.caBundleRef, not both"))]
+pub struct TlsSpec {
+    /// PEM-encoded CA certificates to trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub ca_bundle: Option<String>,
+
+    /// A key of a ConfigMap or Secret in this namespace that holds PEM-encoded CA certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_ref: Option<CaBundleRef>,
+}
+
+/// A key of a ConfigMap or Secret in the RegistryAccess's own namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaBundleRef {
+    /// `ConfigMap` or `Secret`.
+    pub kind: CaBundleKind,
+    /// Name of the ConfigMap or Secret.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key that holds the PEM bundle. Default: `ca.crt`.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".to_owned()
+}
+
+/// Where a CA bundle is kept.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CaBundleKind {
+    ConfigMap,
+    Secret,
 }
 
 /// A key of a Secret in the RegistryAccess's own namespace.

@@ -47,6 +47,8 @@ pub enum Error {
     ReadTokenSecret { namespace: String, name: String, source: kube::Error },
     #[error("reading client Secret {namespace}/{name}: {source}")]
     ReadClientSecret { namespace: String, name: String, source: kube::Error },
+    #[error("reading the CA bundle {kind} {namespace}/{name}: {source}")]
+    ReadCaBundle { kind: &'static str, namespace: String, name: String, source: kube::Error },
     #[error("writing token Secret {namespace}/{name}: {source}")]
     ApplySecret { namespace: String, name: String, source: kube::Error },
     #[error("writing status of RegistryAccess {namespace}/{name}: {source}")]
@@ -117,7 +119,7 @@ impl Context {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("building the HTTP client for Keycloak: {0}")]
-    TokenClient(#[source] reqwest::Error),
+    TokenClient(#[source] token::TokenError),
     #[error(transparent)]
     Leader(#[from] LeaderError),
 }
@@ -270,6 +272,8 @@ async fn reconcile_in(
         source,
     })?;
 
+    let ca_bundle = read_ca_bundle(&ra, &ctx.client, &namespace).await?;
+
     // Decide.
     let now = Timestamp::now();
     let observed = secret::observe(&ra, live.as_ref());
@@ -285,6 +289,11 @@ async fn reconcile_in(
             ),
             transient: false,
         })
+    };
+    // A CA bundle that cannot be used blocks requests like an unusable client secret does.
+    let credentials = match (credentials, &ca_bundle) {
+        (Ok(_), Err(problem)) => Err(problem.clone()),
+        (c, _) => c,
     };
     let inputs = credentials.as_ref().ok().map(|c| c.inputs.clone());
     let renew_before = ra.spec.renew_before.filter(|d| !d.is_negative()).map(Duration::from);
@@ -337,7 +346,7 @@ async fn reconcile_in(
                 Observed::Held(h) => Some(h.token.clone()),
                 _ => None,
             };
-            match fetch(&ra, &ctx, credentials.as_ref()).await {
+            match fetch(&ra, &ctx, credentials.as_ref(), ca_bundle.as_ref().ok().and_then(Option::as_deref)).await {
                 Ok((token, inputs)) => {
                     write_secret(secret::build(&ra, &token, &inputs)).await?;
                     info!(
@@ -453,6 +462,7 @@ async fn fetch(
     ra: &RegistryAccess,
     ctx: &Context,
     credentials: Result<&Credentials, &credentials::Problem>,
+    ca_bundle: Option<&str>,
 ) -> Result<(token::IssuedToken, String), credentials::Problem> {
     let credentials = credentials.map_err(Clone::clone)?;
     let url = token::token_url(&ra.spec.server, &ra.spec.realm).map_err(|message| credentials::Problem {
@@ -466,6 +476,7 @@ async fn fetch(
         client_secret: &credentials.client_secret,
         auth_method: ra.spec.client_auth_method,
         scopes: &ra.spec.scopes,
+        ca_bundle,
     };
     let _permit = ctx.limits.acquire(url.origin().ascii_serialization().as_str()).await;
     let timer = ctx.metrics.token_request();
@@ -476,6 +487,65 @@ async fn fetch(
         reason: status::reason_for(&e),
         message: e.to_string(),
         transient: e.is_transient(),
+    })
+}
+
+/// The extra CA bundle of `ra`: inline, or read from its ConfigMap or Secret. A missing object or
+/// key, or a bundle without a certificate, is a problem for the status; an API error is an error.
+async fn read_ca_bundle(
+    ra: &RegistryAccess,
+    client: &Client,
+    namespace: &str,
+) -> Result<Result<Option<String>, credentials::Problem>, Error> {
+    use crate::api::CaBundleKind;
+    let Some(tls) = &ra.spec.tls else { return Ok(Ok(None)) };
+    let problem =
+        |message: String| credentials::Problem { reason: status::reason::INVALID_CA_BUNDLE, message, transient: false };
+    let pem = match (&tls.ca_bundle, &tls.ca_bundle_ref) {
+        (Some(pem), _) => pem.clone(),
+        (None, None) => return Ok(Ok(None)),
+        (None, Some(r)) => {
+            let kind = match r.kind {
+                CaBundleKind::ConfigMap => "ConfigMap",
+                CaBundleKind::Secret => "Secret",
+            };
+            let read_error =
+                |source| Error::ReadCaBundle { kind, namespace: namespace.to_owned(), name: r.name.clone(), source };
+            let value = match r.kind {
+                CaBundleKind::ConfigMap => {
+                    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);
+                    api.get_opt(&r.name)
+                        .await
+                        .map_err(read_error)?
+                        .map(|cm| cm.data.unwrap_or_default().get(&r.key).cloned())
+                }
+                CaBundleKind::Secret => {
+                    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+                    api.get_opt(&r.name).await.map_err(read_error)?.map(|s| {
+                        s.data.unwrap_or_default().get(&r.key).map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                    })
+                }
+            };
+            match value {
+                None => {
+                    return Ok(Err(problem(format!(
+                        "{kind} {namespace}/{} named in spec.tls.caBundleRef does not exist",
+                        r.name
+                    ))));
+                }
+                Some(None) => {
+                    return Ok(Err(problem(format!(
+                        "{kind} {namespace}/{} has no key {:?} (spec.tls.caBundleRef.key)",
+                        r.name, r.key
+                    ))));
+                }
+                Some(Some(pem)) => pem,
+            }
+        }
+    };
+    Ok(match token::parse_ca_bundle(&pem) {
+        Ok(_) => Ok(Some(pem)),
+        Err(e) => Err(problem(format!("spec.tls: {e}"))),
     })
 }
 

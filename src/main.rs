@@ -51,6 +51,10 @@ struct RunArgs {
     /// with commas), e.g. `https://keycloak.example.com/auth`. Default: any server.
     #[arg(long = "allowed-server", env = "ALLOWED_SERVERS", value_delimiter = ',')]
     allowed_servers: Vec<String>,
+    /// A file of PEM CA certificates trusted for every token request, in addition to the system
+    /// roots (e.g. the platform's private CA).
+    #[arg(long, env = "CA_BUNDLE_FILE")]
+    ca_bundle_file: Option<PathBuf>,
     /// Run only while holding a Lease, so that of several replicas only one writes.
     #[arg(long, env = "LEADER_ELECTION")]
     leader_election: bool,
@@ -134,6 +138,22 @@ async fn run(args: RunArgs) -> ExitCode {
         tracing::error!(error = %e, "invalid --allowed-server");
         return ExitCode::FAILURE;
     }
+    let ca_bundle = match &args.ca_bundle_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) => match token::parse_ca_bundle(&pem) {
+                Ok(_) => Some(pem),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "invalid --ca-bundle-file");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read --ca-bundle-file");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let readiness = Readiness::default();
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = args.probe_addr {
@@ -172,6 +192,7 @@ async fn run(args: RunArgs) -> ExitCode {
         token_client: token::ClientConfig {
             connect_timeout: args.connect_timeout,
             request_timeout: args.request_timeout,
+            ca_bundle,
         },
     };
     match controller::run(client, config).await {

@@ -33,6 +33,7 @@ pub mod reason {
     pub const INVALID_TOKEN_RESPONSE: &str = "InvalidTokenResponse";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SERVER_NOT_ALLOWED: &str = "ServerNotAllowed";
+    pub const INVALID_CA_BUNDLE: &str = "InvalidCABundle";
 }
 
 /// The condition reason for a failed token request.
@@ -49,6 +50,7 @@ pub fn reason_for(e: &TokenError) -> &'static str {
         TokenError::NotFound { .. } => reason::REALM_NOT_FOUND,
         TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
         TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => reason::INVALID_TOKEN_RESPONSE,
+        TokenError::InvalidCaBundle(_) => reason::INVALID_CA_BUNDLE,
     }
 }
 

@@ -34,6 +34,8 @@ pub struct TokenRequest<'a> {
     pub client_secret: &'a SecretString,
     pub auth_method: ClientAuthMethod,
     pub scopes: &'a [String],
+    /// PEM CA certificates to trust for this request, in addition to the client's own.
+    pub ca_bundle: Option<&'a str>,
 }
 
 /// A token as issued, with the facts the operator derives from it.
@@ -89,6 +91,8 @@ pub enum TokenError {
     ResponseTooLarge,
     #[error("the token response is invalid: {0}")]
     InvalidResponse(String),
+    #[error("the CA bundle is unusable: {0}")]
+    InvalidCaBundle(String),
 }
 
 fn describe(description: &Option<String>) -> String {
@@ -107,19 +111,27 @@ impl TokenError {
 pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// PEM CA certificates trusted for every request, in addition to the system roots.
+    pub ca_bundle: Option<String>,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, request_timeout: DEFAULT_REQUEST_TIMEOUT }
+        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, request_timeout: DEFAULT_REQUEST_TIMEOUT, ca_bundle: None }
     }
 }
 
-/// Sends token requests over one pooled HTTP client (keep-alive to each Keycloak server).
+/// Most distinct per-object CA bundles kept with a client of their own; past that the cache
+/// starts again (objects with their own CA are expected to be few).
+const MAX_CACHED_CLIENTS: usize = 64;
+
+/// Sends token requests over pooled HTTP clients (keep-alive to each Keycloak server): one for
+/// the common trust, and one per distinct extra CA bundle.
 #[derive(Clone)]
 pub struct TokenClient {
     http: reqwest::Client,
     config: ClientConfig,
+    with_ca: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>>,
 }
 
 /// Installs the process-wide rustls crypto provider (ring) if none is installed yet.
@@ -129,16 +141,27 @@ pub fn install_crypto_provider() {
 }
 
 impl TokenClient {
-    pub fn new(config: ClientConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(config: ClientConfig) -> Result<Self, TokenError> {
         install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            // A redirect could carry the client secret to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("registry-access-operator/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self { http, config })
+        let http = build_client(&config, None)?;
+        Ok(Self { http, config, with_ca: Default::default() })
+    }
+
+    /// The client that trusts `ca_bundle` in addition to the common trust.
+    fn client_for(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, TokenError> {
+        let Some(pem) = ca_bundle else { return Ok(self.http.clone()) };
+        use sha2::Digest as _;
+        let key = format!("{:x}", sha2::Sha256::digest(pem.as_bytes()));
+        let mut cache = self.with_ca.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let client = build_client(&self.config, Some(pem))?;
+        if cache.len() >= MAX_CACHED_CLIENTS {
+            cache.clear();
+        }
+        cache.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Requests a token with the client_credentials grant. `now` is when the request is sent:
@@ -150,7 +173,8 @@ impl TokenClient {
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        let mut builder = self.http.post(req.token_url.clone()).header(ACCEPT, "application/json");
+        let http = self.client_for(req.ca_bundle)?;
+        let mut builder = http.post(req.token_url.clone()).header(ACCEPT, "application/json");
         match req.auth_method {
             ClientAuthMethod::ClientSecretPost => {
                 form.push(("client_id", req.client_id));
@@ -190,6 +214,30 @@ impl TokenClient {
         }
         TokenError::Connect { url: url.to_owned(), cause: chain }
     }
+}
+
+/// Parses PEM CA certificates; at least one is required.
+pub fn parse_ca_bundle(pem: &str) -> Result<Vec<reqwest::Certificate>, TokenError> {
+    let invalid = |m: String| TokenError::InvalidCaBundle(m);
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| invalid(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+fn build_client(config: &ClientConfig, extra: Option<&str>) -> Result<reqwest::Client, TokenError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.request_timeout)
+        // A redirect could carry the client secret to another host.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("registry-access-operator/", env!("CARGO_PKG_VERSION")));
+    for pem in config.ca_bundle.iter().map(String::as_str).chain(extra) {
+        builder = builder.tls_certs_merge(parse_ca_bundle(pem)?);
+    }
+    builder.build().map_err(|e| TokenError::InvalidCaBundle(format!("cannot build a TLS client with it: {e}")))
 }
 
 /// The `Authorization: Basic` value of RFC 6749 section 2.3.1: id and secret form-urlencoded first.

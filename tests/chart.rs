@@ -138,7 +138,14 @@ async fn lints_and_renders_for_both_scopes(env: Arc<Env>) -> Result<()> {
     for values in [
         vec![],
         vec!["--set", "watchNamespaces={team-x,team-y}"],
-        vec!["--set", "networkPolicy.enabled=true", "--set", "replicaCount=2"],
+        vec![
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "caBundle.configMap=platform-ca",
+        ],
     ] {
         let mut args = vec![
             "template",
@@ -341,6 +348,56 @@ async fn namespaced_install_is_limited_to_its_namespaces(env: Arc<Env>) -> Resul
     Ok(())
 }
 
+async fn leader_election_works_with_the_chart_permissions(env: Arc<Env>) -> Result<()> {
+    let (ns, sa) = ("rao-ha-system", "rao-ha-registry-access-operator");
+    let admin = env.cluster.client().await?;
+    k8s::create_namespace(&admin, "ha-team").await?;
+    helm(
+        &env,
+        &[
+            "install",
+            "rao-ha",
+            &chart(),
+            "--namespace",
+            ns,
+            "--create-namespace",
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "watchNamespaces={ha-team}",
+        ],
+    )?;
+    let kubeconfig = service_account_kubeconfig(&env, ns, sa)?;
+    let (args, port) = deployment_args(&env, ns, sa).await?;
+    assert!(args.contains(&"--leader-election".to_owned()), "two replicas without leader election: {args:?}");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let envs = [("POD_NAME", "rao-ha-0"), ("POD_NAMESPACE", ns)];
+    let mut operator = Operator::start_with_env(&kubeconfig, &env.path().join("operator-chart-ha.log"), &args, &envs)?;
+    wait_ready_endpoint(port).await?;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
+    let lease_name = "rao-ha-registry-access-operator";
+    support::process::wait_for("the Lease held by rao-ha-0", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        async move {
+            leases.get_opt(lease_name).await.ok().flatten().and_then(|l| l.spec?.holder_identity).as_deref()
+                == Some("rao-ha-0")
+        }
+    })
+    .await?;
+    let client = env.keycloak.create_client(REALM, "chart-ha", None, true).await?;
+    k8s::put_secret(&admin, "ha-team", "creds", &[("client_secret", &client.secret)]).await?;
+    k8s::apply_ra(&admin, "ha-team", "svc", spec(&env, "chart-ha")).await?;
+    wait_condition(&admin, "ha-team", "svc", "Ready", "True", "TokenValid", Duration::from_secs(60)).await?;
+    operator.check_alive()?;
+    assert!(!operator.logs().to_lowercase().contains("forbidden"), "{}", support::process::tail(&operator.log, 20));
+    operator.stop();
+    // SIGTERM released the Lease.
+    let holder = leases.get(lease_name).await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    assert!(holder.is_empty(), "the Lease is still held by {holder:?} after SIGTERM");
+    helm(&env, &["uninstall", "rao-ha", "--namespace", ns])?;
+    Ok(())
+}
+
 // ---- the harness ----
 
 type TestFn = fn(Arc<Env>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
@@ -357,6 +414,9 @@ fn main() {
         }),
         ("namespaced_install_is_limited_to_its_namespaces", |e| {
             Box::pin(namespaced_install_is_limited_to_its_namespaces(e))
+        }),
+        ("leader_election_works_with_the_chart_permissions", |e| {
+            Box::pin(leader_election_works_with_the_chart_permissions(e))
         }),
     ];
     let selected = cases

@@ -675,6 +675,174 @@ async fn startup_with_many_objects_is_spread_and_capped(env: Arc<Env>) -> Result
     Ok(())
 }
 
+/// Keycloak behind TLS signed by a private CA: trusted with the CA bundle (inline, from a
+/// ConfigMap, or given to the operator), TLSError without it.
+async fn private_ca_is_trusted_only_when_given(env: Arc<Env>) -> Result<()> {
+    let ca = support::pki::Ca::new("registry-access-e2e-keycloak-ca")?;
+    let serving = ca.server(&["127.0.0.1", "localhost"])?;
+    let kc = env.extra_keycloak_tls("keycloak-tls", &serving.cert, &serving.key).await?;
+    assert!(kc.base_url.starts_with("https://"));
+    let ca_file = env.path().join("keycloak-ca.crt");
+    std::fs::write(&ca_file, &ca.cert)?;
+
+    let c = Case::new(env.clone(), "tls").await?;
+    c.client_secret("creds", keycloak::SHORT_LIVED_SECRET).await?;
+    let mut inline = c.spec(&kc, keycloak::SHORT_LIVED, "creds");
+    inline["tls"] = json!({"caBundle": ca.cert});
+    c.ra("inline", inline).await?;
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "keycloak-ca"}, "data": {"ca.crt": ca.cert}}))?;
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(c.client.clone(), &c.ns)
+        .create(&Default::default(), &cm)
+        .await?;
+    let mut from_cm = c.spec(&kc, keycloak::SHORT_LIVED, "creds");
+    from_cm["tls"] = json!({"caBundleRef": {"kind": "ConfigMap", "name": "keycloak-ca"}});
+    c.ra("configmap", from_cm).await?;
+    c.ra("untrusted", c.spec(&kc, keycloak::SHORT_LIVED, "creds")).await?;
+    let mut missing = c.spec(&kc, keycloak::SHORT_LIVED, "creds");
+    missing["tls"] = json!({"caBundleRef": {"kind": "Secret", "name": "no-such-ca"}});
+    c.ra("missing", missing).await?;
+
+    c.ready("inline").await?;
+    c.ready("configmap").await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "untrusted", "Ready", "False", "TLSError", Duration::from_secs(30)).await?;
+    let message = condition(&s, "Ready").ok_or("no Ready")?.2;
+    assert!(message.to_lowercase().contains("certificate") || message.contains("UnknownIssuer"), "{message}");
+    let s = wait_condition(&c.client, &c.ns, "missing", "Ready", "False", "InvalidCABundle", Duration::from_secs(30))
+        .await?;
+    assert!(condition(&s, "Ready").ok_or("no Ready")?.2.contains("no-such-ca"));
+    c.finish().await?;
+
+    // The operator-wide bundle: no per-object setting needed.
+    let ca_arg = format!("--ca-bundle-file={}", ca_file.display());
+    let g = Case::with_operator_args(env, "tls-global", &[ca_arg.as_str()]).await?;
+    g.client_secret("creds", keycloak::SHORT_LIVED_SECRET).await?;
+    g.ra("global", g.spec(&kc, keycloak::SHORT_LIVED, "creds")).await?;
+    g.ready("global").await?;
+    g.finish().await
+}
+
+/// The holder of a Lease, if any.
+async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
+    leases
+        .get_opt("registry-access-operator")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// Two replicas: SIGKILL of the leader hands over within the lease duration, SIGTERM at once;
+/// no Secret ever holds an expired token and the handover issues at most one extra token.
+async fn leader_failover_keeps_tokens_fresh(env: Arc<Env>) -> Result<()> {
+    const LEASE: u64 = 10;
+    let client = env.cluster.client().await?;
+    let ns = "e2e-ha";
+    k8s::create_namespace(&client, ns).await?;
+    let client_id = unique("ha");
+    let kc = env.keycloak.create_client(REALM, &client_id, Some(20), true).await?;
+    k8s::put_secret(&client, ns, "creds", &[("client_secret", &kc.secret)]).await?;
+    let names = ["a", "b", "c"];
+    for n in names {
+        let spec = json!({"server": env.keycloak.base_url, "realm": REALM, "clientId": client_id, "clientSecretRef": {"name": "creds"}});
+        k8s::apply_ra(&client, ns, n, spec).await?;
+    }
+    let args = [
+        format!("--namespace={ns}"),
+        "--leader-election".to_owned(),
+        format!("--leader-election-namespace={ns}"),
+        format!("--leader-election-lease-duration={LEASE}s"),
+        "--leader-election-renew-grace=3s".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let kubeconfig = &env.cluster.kubeconfig;
+    let mut first = Operator::start_with_env(
+        kubeconfig,
+        &env.path().join("operator-ha-1.log"),
+        &args,
+        &[("POD_NAME", "replica-1")],
+    )?;
+    wait_until("replica-1 holds the Lease", Duration::from_secs(30), || async {
+        lease_holder(&client, ns).await.as_deref() == Some("replica-1")
+    })
+    .await?;
+    let mut second = Operator::start_with_env(
+        kubeconfig,
+        &env.path().join("operator-ha-2.log"),
+        &args,
+        &[("POD_NAME", "replica-2")],
+    )?;
+    for n in names {
+        wait_condition(&client, ns, n, "Ready", "True", "TokenValid", Duration::from_secs(60)).await?;
+    }
+
+    // Sample every Secret until told to stop: never an expired token; count distinct tokens.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen: BTreeSet<String> = BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for n in names {
+                    let data =
+                        k8s::secret_data(&client, ns, &format!("{n}-token")).await?.ok_or("token Secret vanished")?;
+                    let exp = ts(&data["expires_at"])?;
+                    if Timestamp::now() >= exp {
+                        return Err::<BTreeSet<String>, Box<dyn std::error::Error + Send + Sync>>(
+                            format!("{n}-token held an expired token").into(),
+                        );
+                    }
+                    seen.insert(data["access_token"].clone());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(seen)
+        })
+    };
+
+    let t = Instant::now();
+    first.kill();
+    wait_until("replica-2 takes the Lease after SIGKILL", Duration::from_secs(LEASE + 10), || async {
+        lease_holder(&client, ns).await.as_deref() == Some("replica-2")
+    })
+    .await?;
+    let takeover = t.elapsed();
+    assert!(takeover <= Duration::from_secs(LEASE + 5), "takeover took {takeover:?} with a {LEASE}s lease");
+    // Two full token lifetimes under the new leader.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    first.start_again()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    second.stop();
+    wait_until("replica-1 takes the Lease after SIGTERM", Duration::from_secs(LEASE), || async {
+        lease_holder(&client, ns).await.as_deref() == Some("replica-1")
+    })
+    .await?;
+    let graceful = t.elapsed();
+    assert!(graceful < Duration::from_secs(LEASE / 2 + 3), "graceful handover took {graceful:?}");
+    assert!(second.logs().contains("released the Lease"), "SIGTERM did not release the Lease");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = sampler.await??;
+    for n in names {
+        wait_condition(&client, ns, n, "Ready", "True", "TokenValid", Duration::from_secs(10)).await?;
+    }
+    let grants = env.keycloak.grants(REALM, &client_id).await?;
+    // Every grant shows up in a Secret, except at most one per object per handover.
+    assert!(grants <= seen.len() + 2 * names.len(), "{grants} grants for {} tokens seen", seen.len());
+    eprintln!(
+        "[e2e] SIGKILL takeover {:.1}s, SIGTERM handover {:.1}s, {grants} grants, {} tokens seen",
+        takeover.as_secs_f64(),
+        graceful.as_secs_f64(),
+        seen.len()
+    );
+    first.check_alive()?;
+    Ok(())
+}
+
 /// Deleting a RegistryAccess deletes its Secret; a foreign Secret of the target name is kept.
 async fn garbage_collection_and_foreign_secrets(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "ownership").await?;
@@ -767,6 +935,8 @@ fn main() {
         metrics_and_events_follow_tokens_and_failures,
         refresh_on_demand,
         startup_with_many_objects_is_spread_and_capped,
+        leader_failover_keeps_tokens_fresh,
+        private_ca_is_trusted_only_when_given,
         garbage_collection_and_foreign_secrets,
         client_secrets_stay_in_their_namespace,
     ];

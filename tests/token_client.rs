@@ -130,6 +130,7 @@ fn client() -> TokenClient {
     TokenClient::new(ClientConfig {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_millis(800),
+        ca_bundle: None,
     })
     .unwrap()
 }
@@ -140,8 +141,14 @@ async fn request(
     scopes: &[String],
 ) -> Result<registry_access_operator::token::IssuedToken, TokenError> {
     let secret = SecretString::from(SECRET);
-    let req =
-        TokenRequest { token_url: url, client_id: "test-ext", client_secret: &secret, auth_method: method, scopes };
+    let req = TokenRequest {
+        token_url: url,
+        client_id: "test-ext",
+        client_secret: &secret,
+        auth_method: method,
+        scopes,
+        ca_bundle: None,
+    };
     client().request(&req, Timestamp::now()).await
 }
 

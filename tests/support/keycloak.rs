@@ -27,6 +27,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(240);
 
 pub struct Keycloak {
     home: PathBuf,
+    /// Serves HTTPS only, with this certificate and key (PEM files in the home directory).
+    tls: bool,
     http_port: u16,
     management_port: u16,
     proc: Option<Proc>,
@@ -46,6 +48,11 @@ impl Keycloak {
     /// Lays out a home directory under `dir` that shares the distribution's jars and imports
     /// `realm_file`, then starts the server.
     pub async fn start(dist: &Path, dir: &Path, realm_file: &Path) -> Result<Self> {
+        Self::start_with(dist, dir, realm_file, None).await
+    }
+
+    /// [`Keycloak::start`], HTTPS-only with the given certificate and key (PEM) when `tls` is set.
+    pub async fn start_with(dist: &Path, dir: &Path, realm_file: &Path, tls: Option<(&str, &str)>) -> Result<Self> {
         let home = dir.to_owned();
         std::fs::create_dir_all(home.join("data/import"))?;
         std::fs::create_dir_all(home.join("lib"))?;
@@ -64,15 +71,26 @@ impl Keycloak {
         copy_dir(&dist.join("conf"), &home.join("conf"))?;
         copy_dir(&dist.join("lib/quarkus"), &home.join("lib/quarkus"))?;
         std::fs::copy(realm_file, home.join("data/import").join(realm_file.file_name().unwrap()))?;
+        if let Some((cert, key)) = tls {
+            std::fs::write(home.join("tls.crt"), cert)?;
+            std::fs::write(home.join("tls.key"), key)?;
+        }
         let http_port = free_port()?;
         let management_port = free_port()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut kc = Self {
             home,
+            tls: tls.is_some(),
             http_port,
             management_port,
             proc: None,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
-            base_url: format!("http://127.0.0.1:{http_port}/auth"),
+            // The test's own client of its own Keycloak: it does not check the certificate; the
+            // operator does.
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .danger_accept_invalid_certs(true)
+                .build()?,
+            base_url: format!("{scheme}://127.0.0.1:{http_port}/auth"),
         };
         kc.start_again().await?;
         Ok(kc)
@@ -82,10 +100,16 @@ impl Keycloak {
     /// re-imports the realm file.
     pub async fn start_again(&mut self) -> Result<()> {
         let mut cmd = Command::new(self.home.join("bin/kc.sh"));
-        cmd.arg("start-dev")
-            .arg("--http-host=127.0.0.1")
-            .arg(format!("--http-port={}", self.http_port))
-            .arg("--http-relative-path=/auth")
+        cmd.arg("start-dev").arg("--http-host=127.0.0.1");
+        if self.tls {
+            cmd.arg("--http-enabled=false")
+                .arg(format!("--https-port={}", self.http_port))
+                .arg(format!("--https-certificate-file={}", self.home.join("tls.crt").display()))
+                .arg(format!("--https-certificate-key-file={}", self.home.join("tls.key").display()));
+        } else {
+            cmd.arg(format!("--http-port={}", self.http_port));
+        }
+        cmd.arg("--http-relative-path=/auth")
             .arg(format!("--http-management-port={}", self.management_port))
             .arg("--health-enabled=true")
             .arg("--db=dev-mem")
@@ -95,7 +119,8 @@ impl Keycloak {
             .env("JAVA_OPTS_KC_HEAP", "-Xms128m -Xmx768m");
         let log = self.home.join("keycloak.log");
         let proc = self.proc.insert(Proc::start("keycloak", cmd, &log)?);
-        let url = format!("http://127.0.0.1:{}/auth/health/ready", self.management_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{}/auth/health/ready", self.management_port);
         let http = self.http.clone();
         let ready = wait_for("Keycloak /health/ready", READY_TIMEOUT, || {
             let (http, url) = (http.clone(), url.clone());

@@ -104,6 +104,12 @@ impl Env {
         self.dir.path()
     }
 
+    /// Starts another Keycloak with the test realm, HTTPS-only with the given certificate and key.
+    pub async fn extra_keycloak_tls(&self, name: &str, cert: &str, key: &str) -> Result<Keycloak> {
+        let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");
+        Keycloak::start_with(&self.tools.keycloak_home, &self.path().join(name), &realm, Some((cert, key))).await
+    }
+
     /// Starts another Keycloak with the test realm (for tests that stop it).
     pub async fn extra_keycloak(&self, name: &str) -> Result<Keycloak> {
         let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");

@@ -25,17 +25,24 @@ pub struct Operator {
     pub log: PathBuf,
     kubeconfig: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Operator {
     /// Starts `registry-access-operator run` with debug logs (so that the secrecy checks cover
     /// the most verbose output) and `extra` arguments.
     pub fn start(kubeconfig: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(kubeconfig, log, extra, &[])
+    }
+
+    /// [`Operator::start`] with extra environment variables (e.g. POD_NAME).
+    pub fn start_with_env(kubeconfig: &Path, log: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
         let mut op = Self {
             proc: None,
             log: log.to_owned(),
             kubeconfig: kubeconfig.to_owned(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         op.start_again()?;
         Ok(op)
@@ -48,7 +55,10 @@ impl Operator {
         if !self.args.iter().any(|a| a.starts_with("--log-level")) {
             cmd.arg("--log-level=info,registry_access_operator=debug");
         }
-        cmd.args(&self.args).env_remove("KUBECONFIG").env_remove("WATCH_NAMESPACE");
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .args(&self.args)
+            .env_remove("KUBECONFIG")
+            .env_remove("WATCH_NAMESPACE");
         self.proc = Some(Proc::start("operator", cmd, &self.log)?);
         Ok(())
     }

@@ -50,6 +50,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Read CA bundles that RegistryAccess objects name in spec.tls.caBundleRef (kind ConfigMap).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
 # Write Events on RegistryAccess objects (first token, refresh failing, recovered, conflict);
 # repeated Events are patched into a series.
 - apiGroups: ["events.k8s.io"]
