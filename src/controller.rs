@@ -346,9 +346,28 @@ async fn reconcile_in(
                 Observed::Held(h) => Some(h.token.clone()),
                 _ => None,
             };
-            match fetch(&ra, &ctx, credentials.as_ref(), ca_bundle.as_ref().ok().and_then(Option::as_deref)).await {
+            let outcome = match fetch(
+                &ra,
+                &ctx,
+                credentials.as_ref(),
+                ca_bundle.as_ref().ok().and_then(Option::as_deref),
+            )
+            .await
+            {
+                // A token that cannot be stored is a failure like any other: it gets a reason
+                // and a retry, and the previous token stays.
+                Ok((token, inputs)) => match write_secret(secret::build(&ra, &token, &inputs)).await {
+                    Ok(_) => Ok((token, inputs)),
+                    Err(e) => Err(credentials::Problem {
+                        reason: status::reason::SECRET_WRITE_FAILED,
+                        message: e.to_string(),
+                        transient: true,
+                    }),
+                },
+                Err(problem) => Err(problem),
+            };
+            match outcome {
                 Ok((token, inputs)) => {
-                    write_secret(secret::build(&ra, &token, &inputs)).await?;
                     info!(
                         secret = %secret_name,
                         reason = why.as_str(),
@@ -375,7 +394,7 @@ async fn reconcile_in(
                         message = %problem.message,
                         attempts,
                         retry_at = %secret::rfc3339(retry_at),
-                        "token request failed"
+                        "refresh failed"
                     );
                     let f = Failure {
                         attempts,

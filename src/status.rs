@@ -34,6 +34,7 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SERVER_NOT_ALLOWED: &str = "ServerNotAllowed";
     pub const INVALID_CA_BUNDLE: &str = "InvalidCABundle";
+    pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
 }
 
 /// The condition reason for a failed token request.

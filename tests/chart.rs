@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Value, json};
 
 use support::k8s::{self, wait_condition};
@@ -287,6 +286,7 @@ async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc<Env
 
     // Uninstalling the operator leaves the users' tokens alone.
     operator.stop();
+    support::case::assert_nothing_leaked(&admin, app, &operator.logs(), &Default::default()).await?;
     helm(&env, &["uninstall", "rao", "--namespace", ns])?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -344,6 +344,7 @@ async fn namespaced_install_is_limited_to_its_namespaces(env: Arc<Env>) -> Resul
     operator.check_alive()?;
     assert!(!operator.logs().to_lowercase().contains("forbidden"), "{}", support::process::tail(&operator.log, 20));
     operator.stop();
+    support::case::assert_nothing_leaked(&admin, "team-a", &operator.logs(), &Default::default()).await?;
     helm(&env, &["uninstall", "rao-team", "--namespace", ns])?;
     Ok(())
 }
@@ -400,55 +401,17 @@ async fn leader_election_works_with_the_chart_permissions(env: Arc<Env>) -> Resu
 
 // ---- the harness ----
 
-type TestFn = fn(Arc<Env>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
-
 fn main() {
-    let mut args = Arguments::from_args();
     // Installs in the two scopes share the cluster: one at a time, so that a cluster-wide
-    // operator never acts on the namespaced test's objects.
-    args.test_threads = Some(1);
-    let cases: Vec<(&str, TestFn)> = vec![
-        ("lints_and_renders_for_both_scopes", |e| Box::pin(lints_and_renders_for_both_scopes(e))),
-        ("cluster_wide_install_works_with_the_chart_permissions_only", |e| {
-            Box::pin(cluster_wide_install_works_with_the_chart_permissions_only(e))
-        }),
-        ("namespaced_install_is_limited_to_its_namespaces", |e| {
-            Box::pin(namespaced_install_is_limited_to_its_namespaces(e))
-        }),
-        ("leader_election_works_with_the_chart_permissions", |e| {
-            Box::pin(leader_election_works_with_the_chart_permissions(e))
-        }),
-    ];
-    let selected = cases
-        .iter()
-        .any(|(name, _)| args.filter.as_deref().is_none_or(|f| if args.exact { *name == f } else { name.contains(f) }));
-    if args.list || !selected {
-        libtest_mimic::run(&args, cases.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect()).exit();
-    }
-    registry_access_operator::token::install_crypto_provider();
-    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime"));
-    let env = match rt.block_on(Env::start()) {
-        Ok(env) => Arc::new(env),
-        Err(e) => {
-            eprintln!("[chart] the end-to-end environment did not start: {e}");
-            std::process::exit(1);
-        }
-    };
-    let trials = cases
-        .into_iter()
-        .map(|(name, f)| {
-            let (env, rt) = (env.clone(), rt.clone());
-            Trial::test(name, move || {
-                let t = Instant::now();
-                let r = rt.block_on(f(env));
-                support::phase(name, t);
-                r.map_err(|e| Failed::from(e.to_string()))
-            })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Ok(env) = Arc::try_unwrap(env) {
-        drop(env);
-    }
-    conclusion.exit();
+    // operator never acts on another test's objects.
+    support::harness::run(
+        "chart",
+        tests![
+            lints_and_renders_for_both_scopes,
+            cluster_wide_install_works_with_the_chart_permissions_only,
+            namespaced_install_is_limited_to_its_namespaces,
+            leader_election_works_with_the_chart_permissions,
+        ],
+        1,
+    )
 }

@@ -8,162 +8,22 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
 use kube::api::{DeleteParams, ListParams};
-use kube::{Api, Client};
-use libtest_mimic::{Arguments, Failed, Trial};
 use registry_access_operator::api::RegistryAccess;
 use serde_json::{Value, json};
 
+use support::case::*;
 use support::k8s::{self, condition, wait_condition};
-use support::keycloak::{self, Keycloak, REALM, ROLE};
+use support::keycloak::{self, REALM, ROLE};
 use support::operator::Operator;
 use support::{Env, Result};
-
-/// A test case: its namespace, its operator, and the secrets that must never leak.
-struct Case {
-    env: Arc<Env>,
-    client: Client,
-    ns: String,
-    operator: Operator,
-    sensitive: Mutex<BTreeSet<String>>,
-}
-
-impl Case {
-    async fn new(env: Arc<Env>, name: &str) -> Result<Self> {
-        Self::with_operator_args(env, name, &[]).await
-    }
-
-    async fn with_operator_args(env: Arc<Env>, name: &str, extra: &[&str]) -> Result<Self> {
-        let client = env.cluster.client().await?;
-        let ns = format!("e2e-{name}");
-        k8s::create_namespace(&client, &ns).await?;
-        let mut args = vec!["--namespace", ns.as_str()];
-        args.extend_from_slice(extra);
-        let operator =
-            Operator::start(&env.cluster.kubeconfig, &env.path().join(format!("operator-{name}.log")), &args)?;
-        Ok(Self { env, client, ns, operator, sensitive: Mutex::new(BTreeSet::new()) })
-    }
-
-    fn kc(&self) -> &Keycloak {
-        &self.env.keycloak
-    }
-
-    /// Registers a value that must not appear in logs, statuses or Events.
-    fn sensitive(&self, s: &str) {
-        self.sensitive.lock().unwrap().insert(s.to_owned());
-    }
-
-    /// A client Secret holding `secret` under the default key.
-    async fn client_secret(&self, name: &str, secret: &str) -> Result<()> {
-        self.sensitive(secret);
-        k8s::put_secret(&self.client, &self.ns, name, &[("client_secret", secret)]).await
-    }
-
-    async fn ra(&self, name: &str, spec: Value) -> Result<()> {
-        k8s::apply_ra(&self.client, &self.ns, name, spec).await
-    }
-
-    /// The spec of a RegistryAccess for `client_id` against `kc`, client secret in Secret `creds`.
-    fn spec(&self, kc: &Keycloak, client_id: &str, creds: &str) -> Value {
-        json!({
-            "server": kc.base_url,
-            "realm": REALM,
-            "clientId": client_id,
-            "clientSecretRef": {"name": creds},
-        })
-    }
-
-    /// The token Secret's data; the token is registered as sensitive.
-    async fn token_secret(&self, name: &str) -> Result<Option<std::collections::BTreeMap<String, String>>> {
-        let data = k8s::secret_data(&self.client, &self.ns, name).await?;
-        if let Some(t) = data.as_ref().and_then(|d| d.get("access_token")) {
-            self.sensitive(t);
-        }
-        Ok(data)
-    }
-
-    async fn access_token(&self, name: &str) -> Result<String> {
-        let data = self.token_secret(name).await?.ok_or_else(|| format!("Secret {name} does not exist"))?;
-        Ok(data.get("access_token").cloned().ok_or("no access_token key")?)
-    }
-
-    async fn ready(&self, name: &str) -> Result<registry_access_operator::api::RegistryAccessStatus> {
-        wait_condition(&self.client, &self.ns, name, "Ready", "True", "TokenValid", Duration::from_secs(60)).await
-    }
-
-    /// Ends the case: the operator is still running, and nothing sensitive leaked.
-    async fn finish(mut self) -> Result<()> {
-        self.operator.check_alive()?;
-        // Every token the namespace's Secrets hold counts as sensitive too.
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
-        for s in secrets.list(&ListParams::default()).await? {
-            let managed = s.metadata.labels.as_ref().is_some_and(|l| l.contains_key("app.kubernetes.io/managed-by"));
-            for (k, v) in s.data.unwrap_or_default() {
-                // Token Secrets: the token and the header built from it; other Secrets hold
-                // client secrets.
-                let secret = if managed { k == "access_token" || k == "authorization" } else { k.contains("secret") };
-                if let (true, Ok(v)) = (secret, std::str::from_utf8(&v.0)) {
-                    self.sensitive(v);
-                }
-            }
-        }
-        let ras: Api<RegistryAccess> = Api::namespaced(self.client.clone(), &self.ns);
-        let statuses = serde_json::to_string(
-            &ras.list(&ListParams::default()).await?.items.iter().map(|r| &r.status).collect::<Vec<_>>(),
-        )?;
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        let events = serde_json::to_string(&events.list(&ListParams::default()).await?.items)?;
-        self.operator.stop();
-        let logs = self.operator.logs();
-        let sensitive = self.sensitive.lock().unwrap().clone();
-        for s in &sensitive {
-            let short = &s[..s.len().min(40)];
-            for (what, text) in [("operator log", &logs), ("status", &statuses), ("events", &events)] {
-                // Never print the value itself.
-                if text.contains(s.as_str()) || (s.len() > 40 && text.contains(short)) {
-                    return Err(format!("a token or client secret ({} chars) appears in the {what}", s.len()).into());
-                }
-            }
-        }
-        if !logs.contains("token refreshed")
-            && !logs.contains("token request failed")
-            && !logs.contains("leaving it untouched")
-        {
-            return Err("the operator logged no token activity at all; is it working?".into());
-        }
-        Ok(())
-    }
-}
-
-/// Verifies a token's signature against the realm's JWKS; returns its claims.
-async fn verified_claims(kc: &Keycloak, token: &str) -> Result<Value> {
-    let header = jsonwebtoken::decode_header(token)?;
-    let jwks = kc.jwks(REALM).await?;
-    let kid = header.kid.ok_or("token has no kid")?;
-    let jwk = jwks.find(&kid).ok_or("the token's key is not in the realm's JWKS")?;
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
-    let mut validation = jsonwebtoken::Validation::new(header.alg);
-    validation.validate_aud = false;
-    validation.set_issuer(&[format!("{}/realms/{REALM}", kc.base_url)]);
-    let data = jsonwebtoken::decode::<Value>(token, &key, &validation)?;
-    Ok(data.claims)
-}
-
-fn ts(s: &str) -> Result<Timestamp> {
-    Ok(s.parse()?)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", Timestamp::now().as_millisecond() % 1_000_000_000)
-}
 
 // ---- the tests ----
 
@@ -336,7 +196,13 @@ async fn survives_a_keycloak_outage(env: Arc<Env>) -> Result<()> {
         assert_eq!(condition(&s, "Ready").map(|c| c.0), Some("True".into()));
     }
     assert!(c.access_token("short-token").await? == token, "the token was replaced while Keycloak was down");
-    wait_condition(&c.client, &c.ns, "short", "Ready", "False", "TokenExpired", Duration::from_secs(40)).await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "short", "Ready", "False", "TokenExpired", Duration::from_secs(40)).await?;
+    let turned = s.conditions.iter().find(|c| c.type_ == "Ready").ok_or("no Ready")?.last_transition_time.0;
+    assert!(
+        turned.as_second() >= expires_at.as_second(),
+        "Ready turned False at {turned}, before the token expired at {expires_at}"
+    );
     assert!(c.access_token("short-token").await? == token, "the expired token was removed");
 
     let t = Instant::now();
@@ -344,7 +210,10 @@ async fn survives_a_keycloak_outage(env: Arc<Env>) -> Result<()> {
     eprintln!("[e2e] Keycloak restarted in {:.1}s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     c.ready("short").await?;
-    eprintln!("[e2e] recovered {:.1}s after Keycloak was ready", t.elapsed().as_secs_f64());
+    let recovered = t.elapsed();
+    eprintln!("[e2e] recovered {:.1}s after Keycloak was ready", recovered.as_secs_f64());
+    // Retries while Keycloak is down are at most 10 s apart.
+    assert!(recovered < Duration::from_secs(13), "recovery took {recovered:?} after Keycloak was back");
     wait_condition(&c.client, &c.ns, "short", "Degraded", "False", "RefreshSucceeded", Duration::from_secs(10)).await?;
     assert!(c.access_token("short-token").await? != token, "no new token after recovery");
     c.finish().await
@@ -437,23 +306,6 @@ async fn restores_an_edited_or_deleted_token_secret(env: Arc<Env>) -> Result<()>
     c.finish().await
 }
 
-/// Polls `check` until it holds or `timeout` passes.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, check: F) -> Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let t = Instant::now();
-    while !check().await {
-        if t.elapsed() > timeout {
-            return Err(format!("timed out after {timeout:?} waiting for {what}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!("[e2e] {what} after {:.1}s", t.elapsed().as_secs_f64());
-    Ok(())
-}
-
 /// Only the allowed Keycloak servers are used; another gets ServerNotAllowed and no request.
 async fn allow_list_refuses_other_servers(env: Arc<Env>) -> Result<()> {
     let allowed = format!("--allowed-server={}", env.keycloak.base_url);
@@ -474,35 +326,6 @@ async fn allow_list_refuses_other_servers(env: Arc<Env>) -> Result<()> {
     assert_eq!(c.kc().grants(REALM, &client_id).await?, 1, "a request went to a server that is not allowed");
     assert!(c.token_secret("bad-token").await?.is_none());
     c.finish().await
-}
-
-/// Scrapes /metrics until `pred` holds for the text.
-async fn scrape_until(port: u16, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
-    let http = reqwest::Client::new();
-    let t = Instant::now();
-    loop {
-        let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await?.text().await?;
-        if pred(&text) {
-            return Ok(text);
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            return Err(format!("metrics never showed {what}:\n{text}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The value of the first sample line that starts with `prefix`.
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
-/// Events of a namespace: (type, reason) in order.
-async fn events_of(c: &Case) -> Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(c.client.clone(), &c.ns);
-    let mut list = events.list(&ListParams::default()).await?.items;
-    list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
-    Ok(list.into_iter().map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default())).collect())
 }
 
 /// Metrics and Events follow tokens and failures; routine refreshes write no Event.
@@ -672,7 +495,7 @@ async fn startup_with_many_objects_is_spread_and_capped(env: Arc<Env>) -> Result
     eprintln!("[e2e] grants spread over {span:.1}s, at most {busiest} in one second");
     operator.check_alive()?;
     operator.stop();
-    Ok(())
+    assert_nothing_leaked(&client, ns, &operator.logs(), &[kc_client.secret.clone()].into()).await
 }
 
 /// Keycloak behind TLS signed by a private CA: trusted with the CA bundle (inline, from a
@@ -721,18 +544,6 @@ async fn private_ca_is_trusted_only_when_given(env: Arc<Env>) -> Result<()> {
     g.ra("global", g.spec(&kc, keycloak::SHORT_LIVED, "creds")).await?;
     g.ready("global").await?;
     g.finish().await
-}
-
-/// The holder of a Lease, if any.
-async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
-    leases
-        .get_opt("registry-access-operator")
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty())
 }
 
 /// Two replicas: SIGKILL of the leader hands over within the lease duration, SIGTERM at once;
@@ -840,7 +651,9 @@ async fn leader_failover_keeps_tokens_fresh(env: Arc<Env>) -> Result<()> {
         seen.len()
     );
     first.check_alive()?;
-    Ok(())
+    first.stop();
+    let logs = format!("{}{}", first.logs(), second.logs());
+    assert_nothing_leaked(&client, ns, &logs, &[kc.secret.clone()].into()).await
 }
 
 /// Deleting a RegistryAccess deletes its Secret; a foreign Secret of the target name is kept.
@@ -910,75 +723,26 @@ async fn client_secrets_stay_in_their_namespace(env: Arc<Env>) -> Result<()> {
 
 // ---- the harness ----
 
-type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
-
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        vec![$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
-    let mut args = Arguments::from_args();
-    // Most of a test is waiting for tokens to age; run several at once.
-    if args.test_threads.is_none() {
-        args.test_threads = Some(4);
-    }
-    let cases: Vec<(&str, TestFn)> = tests![
-        issues_a_verified_token_for_the_documented_client,
-        refreshes_before_every_expiry,
-        rotated_and_wrong_client_secrets,
-        survives_a_keycloak_outage,
-        restart_issues_no_new_tokens,
-        restores_an_edited_or_deleted_token_secret,
-        allow_list_refuses_other_servers,
-        metrics_and_events_follow_tokens_and_failures,
-        refresh_on_demand,
-        startup_with_many_objects_is_spread_and_capped,
-        leader_failover_keeps_tokens_fresh,
-        private_ca_is_trusted_only_when_given,
-        garbage_collection_and_foreign_secrets,
-        client_secrets_stay_in_their_namespace,
-    ];
-    let selected = cases
-        .iter()
-        .any(|(name, _)| args.filter.as_deref().is_none_or(|f| if args.exact { *name == f } else { name.contains(f) }));
-    if args.list || !selected {
-        let trials = cases.iter().map(|(name, _)| Trial::test(*name, || Ok(()))).collect();
-        libtest_mimic::run(&args, trials).exit();
-    }
-
-    registry_access_operator::token::install_crypto_provider();
-    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime"));
-    let t = Instant::now();
-    let env = match rt.block_on(Env::start()) {
-        Ok(env) => Arc::new(env),
-        Err(e) => {
-            // Fail loudly: a missing tool is a failure, never a skip.
-            eprintln!("[e2e] the end-to-end environment did not start: {e}");
-            std::process::exit(1);
-        }
-    };
-    support::phase("environment ready", t);
-
-    let trials = cases
-        .into_iter()
-        .map(|(name, f)| {
-            let (env, rt) = (env.clone(), rt.clone());
-            Trial::test(name, move || {
-                let t = Instant::now();
-                let result = rt.block_on(f(env));
-                support::phase(name, t);
-                result.map_err(|e| Failed::from(e.to_string()))
-            })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    let t = Instant::now();
-    match Arc::try_unwrap(env) {
-        Ok(env) => drop(env),
-        Err(_) => eprintln!("[e2e] environment still referenced at exit"),
-    }
-    support::phase("environment stopped and removed", t);
-    conclusion.exit();
+    // Most of a test is waiting for tokens to age: run several at once.
+    support::harness::run(
+        "e2e",
+        tests![
+            issues_a_verified_token_for_the_documented_client,
+            refreshes_before_every_expiry,
+            rotated_and_wrong_client_secrets,
+            survives_a_keycloak_outage,
+            restart_issues_no_new_tokens,
+            restores_an_edited_or_deleted_token_secret,
+            allow_list_refuses_other_servers,
+            metrics_and_events_follow_tokens_and_failures,
+            refresh_on_demand,
+            startup_with_many_objects_is_spread_and_capped,
+            leader_failover_keeps_tokens_fresh,
+            private_ca_is_trusted_only_when_given,
+            garbage_collection_and_foreign_secrets,
+            client_secrets_stay_in_their_namespace,
+        ],
+        4,
+    )
 }

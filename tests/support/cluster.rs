@@ -28,8 +28,10 @@ pub struct Cluster {
     /// Kubeconfig of a cluster admin (group system:masters).
     pub kubeconfig: PathBuf,
     pub ca_pem: String,
-    etcd: Proc,
-    apiserver: Proc,
+    etcd_port: u16,
+    // Behind locks so that a test holding the shared environment can restart them.
+    etcd: std::sync::Mutex<Proc>,
+    apiserver: std::sync::Mutex<Proc>,
     controller_manager: Option<Proc>,
 }
 
@@ -98,14 +100,15 @@ impl Cluster {
         let kcm = ca.client("system:kube-controller-manager", &[])?;
         write("kcm.kubeconfig", &kubeconfig_with_cert(&server, &ca.cert, "kcm", &kcm))?;
 
-        let mut cluster = Self {
+        let cluster = Self {
             dir: dir.to_owned(),
             bin: bin.to_owned(),
             server,
             kubeconfig,
             ca_pem: ca.cert.clone(),
-            etcd,
-            apiserver,
+            etcd_port,
+            etcd: std::sync::Mutex::new(etcd),
+            apiserver: std::sync::Mutex::new(apiserver),
             controller_manager: None,
         };
         cluster.wait_ready().await?;
@@ -151,8 +154,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops kube-apiserver and etcd (SIGTERM; etcd keeps its data) and starts both again on
+    /// the same ports, as a control-plane restart does.
+    pub async fn restart_control_plane(&self) -> Result<()> {
+        lock(&self.apiserver).stop();
+        lock(&self.etcd).stop();
+        lock(&self.etcd).respawn()?;
+        let http = reqwest::Client::new();
+        let port = self.etcd_port;
+        wait_for("etcd after restart", READY_TIMEOUT, || {
+            let http = http.clone();
+            async move {
+                matches!(http.get(format!("http://127.0.0.1:{port}/health")).send().await, Ok(r) if r.status().is_success())
+            }
+        })
+        .await?;
+        lock(&self.apiserver).respawn()?;
+        self.wait_ready().await
+    }
+
     /// Waits until kube-apiserver answers /readyz.
-    pub async fn wait_ready(&mut self) -> Result<()> {
+    pub async fn wait_ready(&self) -> Result<()> {
         let client = self.client().await?;
         let result = wait_for("kube-apiserver /readyz", READY_TIMEOUT, || {
             let client = client.clone();
@@ -163,7 +185,7 @@ impl Cluster {
         })
         .await;
         if let Err(e) = result {
-            self.apiserver.check_alive()?;
+            lock(&self.apiserver).check_alive()?;
             return Err(e);
         }
         Ok(())
@@ -227,8 +249,8 @@ impl Cluster {
         if let Some(kcm) = &mut self.controller_manager {
             kcm.stop();
         }
-        self.apiserver.stop();
-        self.etcd.stop();
+        lock(&self.apiserver).stop();
+        lock(&self.etcd).stop();
     }
 }
 
@@ -254,4 +276,8 @@ fn kubeconfig_with_cert(server: &str, ca: &str, user: &str, pair: &Pair) -> Stri
         STANDARD.encode(&pair.cert),
         STANDARD.encode(&pair.key)
     )
+}
+
+fn lock(p: &std::sync::Mutex<Proc>) -> std::sync::MutexGuard<'_, Proc> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
 }

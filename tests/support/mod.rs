@@ -2,7 +2,9 @@
 //! provisioned by hack/provision.sh and started on loopback in a temporary directory.
 #![allow(dead_code)]
 
+pub mod case;
 pub mod cluster;
+pub mod harness;
 pub mod k8s;
 pub mod keycloak;
 pub mod operator;

@@ -19,16 +19,48 @@ pub struct Proc {
     pub name: String,
     pub log: PathBuf,
     child: Option<Child>,
+    /// What was started, to start it again.
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
 }
 
 impl Proc {
     /// Starts `cmd` with stdout and stderr appended to `log`.
-    pub fn start(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
-        let out = File::options().create(true).append(true).open(log)?;
+    pub fn start(name: &str, cmd: Command, log: &Path) -> Result<Self> {
+        let mut p = Self {
+            name: name.to_owned(),
+            log: log.to_owned(),
+            child: None,
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            envs: cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned))).collect(),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        for (k, v) in &self.envs {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = File::options().create(true).append(true).open(&self.log)?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
-        let child = cmd.spawn().map_err(|e| format!("cannot start {name} ({:?}): {e}", cmd.get_program()))?;
-        Ok(Self { name: name.to_owned(), log: log.to_owned(), child: Some(child) })
+        let child = cmd.spawn().map_err(|e| format!("cannot start {} ({:?}): {e}", self.name, self.program))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts the same command again (after [`Proc::stop`] or [`Proc::kill`]).
+    pub fn respawn(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
     }
 
     pub fn pid(&self) -> Option<u32> {
