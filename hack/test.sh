@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, unit tests, the
 # token-client tests, fuzzing, and the end-to-end, faults and chart suites on a real control plane
-# and Keycloak. Prints each
-# phase's duration and, last, one line "N passed, N failed".
+# and Keycloak. Prints each phase's duration and, last, one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

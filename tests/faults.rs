@@ -402,6 +402,34 @@ async fn sigkill_mid_batch_loses_nothing(env: Arc<Env>) -> Result<()> {
     assert_nothing_leaked(&client, ns, &operator.logs(), &[kc.secret.clone()].into()).await
 }
 
+/// A token that cannot be stored (the API server refuses the write) is reported, not lost.
+async fn an_unwritable_secret_is_reported(env: Arc<Env>) -> Result<()> {
+    let mut c = Case::new(env, "unwritable").await?;
+    let mut spec = c.spec(c.kc(), keycloak::TEST_EXT, "creds-later");
+    spec["secret"] = json!({"name": "custom-token"});
+    c.ra("stuck", spec.clone()).await?;
+    let ras: Api<RegistryAccess> = Api::namespaced(c.client.clone(), &c.ns);
+    let ra = ras.get("stuck").await?;
+    // A Secret this object controls, but of a type the token Secret cannot be changed into
+    // (a Secret's type is immutable): every write of the token is refused.
+    let owner = json!({"apiVersion": "registry-access.io/v1alpha1", "kind": "RegistryAccess", "name": "stuck",
+        "uid": ra.metadata.uid, "controller": true});
+    let odd: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "custom-token", "ownerReferences": [owner]},
+        "type": "example.com/custom", "data": {},
+    }))?;
+    Api::<Secret>::namespaced(c.client.clone(), &c.ns).create(&Default::default(), &odd).await?;
+    spec["clientSecretRef"]["name"] = json!("creds");
+    c.client_secret("creds", keycloak::TEST_EXT_SECRET).await?;
+    c.ra("stuck", spec).await?;
+    let s = wait_condition(&c.client, &c.ns, "stuck", "Degraded", "True", "SecretWriteFailed", Duration::from_secs(30))
+        .await?;
+    let message = condition(&s, "Degraded").ok_or("no Degraded")?.2;
+    assert!(message.contains("custom-token") && message.contains("immutable"), "{message}");
+    c.operator.check_alive()?;
+    c.finish().await
+}
+
 fn main() {
     support::harness::run(
         "faults",
@@ -411,6 +439,7 @@ fn main() {
             a_hung_keycloak_times_out_without_blocking_others,
             flaky_keycloak_still_refreshes_before_expiry,
             sigkill_mid_batch_loses_nothing,
+            an_unwritable_secret_is_reported,
             control_plane_restart_is_survived,
         ],
         1,
