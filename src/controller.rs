@@ -31,6 +31,7 @@ use crate::schedule;
 use crate::secret::{self, MANAGER, Observed};
 use crate::status::{self, StatusInputs};
 use crate::token::{self, TokenClient, TokenRequest};
+use crate::trust;
 
 /// How long to wait before retrying after a Kubernetes API error.
 const API_ERROR_RETRY: Duration = Duration::from_secs(5);
@@ -240,17 +241,12 @@ pub async fn reconcile(ra: Arc<RegistryAccess>, ctx: Arc<Context>) -> Result<Act
     let name = ra.name_any();
     let span = info_span!("reconcile", namespace = %namespace, name = %name);
     let start = std::time::Instant::now();
-    let result = reconcile_in(ra, ctx.clone(), namespace, name).instrument(span).await;
+    let result = reconcile_in(ra, ctx.clone(), namespace).instrument(span).await;
     ctx.metrics.reconciled(start.elapsed(), result.is_err());
     result
 }
 
-async fn reconcile_in(
-    ra: Arc<RegistryAccess>,
-    ctx: Arc<Context>,
-    namespace: String,
-    name: String,
-) -> Result<Action, Error> {
+async fn reconcile_in(ra: Arc<RegistryAccess>, ctx: Arc<Context>, namespace: String) -> Result<Action, Error> {
     if ra.metadata.deletion_timestamp.is_some() {
         // The token Secret goes with its owner through garbage collection.
         return Ok(Action::await_change());
@@ -272,7 +268,7 @@ async fn reconcile_in(
         source,
     })?;
 
-    let ca_bundle = read_ca_bundle(&ra, &ctx.client, &namespace).await?;
+    let ca_bundle = trust::read_ca_bundle(&ra, &ctx.client, &namespace).await?;
 
     // Decide.
     let now = Timestamp::now();
@@ -367,7 +363,7 @@ async fn reconcile_in(
                 Err(problem) => Err(problem),
             };
             match outcome {
-                Ok((token, inputs)) => {
+                Ok((token, _)) => {
                     info!(
                         secret = %secret_name,
                         reason = why.as_str(),
@@ -376,12 +372,7 @@ async fn reconcile_in(
                     );
                     ctx.set_failure(&uid, None);
                     issued = true;
-                    let plan = decide::renewal(
-                        &Observed::Held(secret::HeldToken { token: token.clone(), inputs: Some(inputs) }),
-                        renew_before,
-                        &uid,
-                    );
-                    let next = plan.map(|p| p.renew_at).unwrap_or(now);
+                    let next = decide::plan_for(&token, renew_before, &uid).renew_at;
                     (Some(token), None, false, next)
                 }
                 Err(problem) => {
@@ -415,10 +406,7 @@ async fn reconcile_in(
         }
     };
 
-    let plan = held.as_ref().map(|t| {
-        let jitter = schedule::jitter_from(&format!("{uid}/{}", t.expires_at));
-        schedule::plan_renewal(t.issued_at, t.expires_at, renew_before, jitter)
-    });
+    let plan = held.as_ref().map(|t| decide::plan_for(t, renew_before, &uid));
     // A failure recorded for other inputs is stale: the next attempt uses the current ones.
     let failure = failure.filter(|f| f.inputs == inputs);
     let status = status::build(&StatusInputs {
@@ -432,7 +420,30 @@ async fn reconcile_in(
         upcoming: credentials.as_ref().err().map(|p| (p.reason, p.message.as_str())),
         previous: ra.status.as_ref(),
     });
-    if ra.status.as_ref() != Some(&status) {
+    let ready = held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict;
+    report(&ctx, &ra, &status, issued, held.as_ref().map(|t| t.expires_at.as_second()), ready).await?;
+
+    // Look again at the next renewal or retry time; a token that expires meanwhile is reported.
+    let next = match held.as_ref().map(|t| t.expires_at) {
+        Some(e) if e > now => next.min(e),
+        _ => next,
+    };
+    let wait = Duration::try_from(next.duration_since(now)).unwrap_or(Duration::ZERO);
+    debug!(requeue_after_secs = wait.as_secs(), "next look");
+    Ok(Action::requeue(wait.max(Duration::from_millis(100))))
+}
+
+/// Writes the status (when it changed), the object's metrics and the Events its change calls for.
+async fn report(
+    ctx: &Context,
+    ra: &RegistryAccess,
+    status: &crate::api::RegistryAccessStatus,
+    issued: bool,
+    expires_at: Option<i64>,
+    ready: bool,
+) -> Result<(), Error> {
+    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.name_any());
+    if ra.status.as_ref() != Some(status) {
         let api: Api<RegistryAccess> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({
             "apiVersion": RegistryAccess::api_version(&()),
@@ -443,14 +454,9 @@ async fn reconcile_in(
             .await
             .map_err(|source| Error::ApplyStatus { namespace: namespace.clone(), name: name.clone(), source })?;
     }
-    ctx.metrics.set_object(
-        &namespace,
-        &name,
-        held.as_ref().map(|t| t.expires_at.as_second()),
-        held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict,
-    );
+    ctx.metrics.set_object(&namespace, &name, expires_at, ready);
     let reference = ra.object_ref(&());
-    for notice in events::notices(ra.status.as_ref(), &status, issued) {
+    for notice in events::notices(ra.status.as_ref(), status, issued) {
         let event = KubeEvent {
             type_: match notice.severity {
                 Severity::Normal => EventType::Normal,
@@ -465,15 +471,7 @@ async fn reconcile_in(
             warn!(error = %e, "cannot write an Event");
         }
     }
-
-    // Look again at the next renewal or retry time; a token that expires meanwhile is reported.
-    let next = match held.as_ref().map(|t| t.expires_at) {
-        Some(e) if e > now => next.min(e),
-        _ => next,
-    };
-    let wait = Duration::try_from(next.duration_since(now)).unwrap_or(Duration::ZERO);
-    debug!(requeue_after_secs = wait.as_secs(), "next look");
-    Ok(Action::requeue(wait.max(Duration::from_millis(100))))
+    Ok(())
 }
 
 /// Requests a token with the credentials, turning every failure into a condition problem.
@@ -506,65 +504,6 @@ async fn fetch(
         reason: status::reason_for(&e),
         message: e.to_string(),
         transient: e.is_transient(),
-    })
-}
-
-/// The extra CA bundle of `ra`: inline, or read from its ConfigMap or Secret. A missing object or
-/// key, or a bundle without a certificate, is a problem for the status; an API error is an error.
-async fn read_ca_bundle(
-    ra: &RegistryAccess,
-    client: &Client,
-    namespace: &str,
-) -> Result<Result<Option<String>, credentials::Problem>, Error> {
-    use crate::api::CaBundleKind;
-    let Some(tls) = &ra.spec.tls else { return Ok(Ok(None)) };
-    let problem =
-        |message: String| credentials::Problem { reason: status::reason::INVALID_CA_BUNDLE, message, transient: false };
-    let pem = match (&tls.ca_bundle, &tls.ca_bundle_ref) {
-        (Some(pem), _) => pem.clone(),
-        (None, None) => return Ok(Ok(None)),
-        (None, Some(r)) => {
-            let kind = match r.kind {
-                CaBundleKind::ConfigMap => "ConfigMap",
-                CaBundleKind::Secret => "Secret",
-            };
-            let read_error =
-                |source| Error::ReadCaBundle { kind, namespace: namespace.to_owned(), name: r.name.clone(), source };
-            let value = match r.kind {
-                CaBundleKind::ConfigMap => {
-                    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);
-                    api.get_opt(&r.name)
-                        .await
-                        .map_err(read_error)?
-                        .map(|cm| cm.data.unwrap_or_default().get(&r.key).cloned())
-                }
-                CaBundleKind::Secret => {
-                    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-                    api.get_opt(&r.name).await.map_err(read_error)?.map(|s| {
-                        s.data.unwrap_or_default().get(&r.key).map(|v| String::from_utf8_lossy(&v.0).into_owned())
-                    })
-                }
-            };
-            match value {
-                None => {
-                    return Ok(Err(problem(format!(
-                        "{kind} {namespace}/{} named in spec.tls.caBundleRef does not exist",
-                        r.name
-                    ))));
-                }
-                Some(None) => {
-                    return Ok(Err(problem(format!(
-                        "{kind} {namespace}/{} has no key {:?} (spec.tls.caBundleRef.key)",
-                        r.name, r.key
-                    ))));
-                }
-                Some(Some(pem)) => pem,
-            }
-        }
-    };
-    Ok(match token::parse_ca_bundle(&pem) {
-        Ok(_) => Ok(Some(pem)),
-        Err(e) => Err(problem(format!("spec.tls: {e}"))),
     })
 }
 

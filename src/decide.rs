@@ -7,6 +7,7 @@ use jiff::Timestamp;
 
 use crate::schedule::{self, RenewPlan};
 use crate::secret::Observed;
+use crate::token::IssuedToken;
 
 /// The last failed attempt to get a token for one object, kept until an attempt succeeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,14 +74,17 @@ pub struct Inputs<'a> {
     pub jitter_seed: &'a str,
 }
 
+/// The renewal plan of a token; the jitter comes from `jitter_seed` and the expiry, so the same
+/// token always gets the same plan (a restart plans the same time).
+pub fn plan_for(token: &IssuedToken, renew_before: Option<Duration>, jitter_seed: &str) -> RenewPlan {
+    let jitter = schedule::jitter_from(&format!("{jitter_seed}/{}", token.expires_at));
+    schedule::plan_renewal(token.issued_at, token.expires_at, renew_before, jitter)
+}
+
 /// The renewal plan for the token an object holds.
-pub fn renewal(observed: &Observed, renew_before: Option<Duration>, jitter_seed: &str) -> Option<RenewPlan> {
-    let Observed::Held(held) = observed else {
-        return None;
-    };
-    let t = &held.token;
-    let jitter = schedule::jitter_from(&format!("{jitter_seed}/{}", t.expires_at));
-    Some(schedule::plan_renewal(t.issued_at, t.expires_at, renew_before, jitter))
+fn renewal(observed: &Observed, renew_before: Option<Duration>, jitter_seed: &str) -> Option<RenewPlan> {
+    let Observed::Held(held) = observed else { return None };
+    Some(plan_for(&held.token, renew_before, jitter_seed))
 }
 
 /// Decides whether to request a token now.

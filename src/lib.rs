@@ -22,3 +22,4 @@ pub mod secret;
 pub mod status;
 pub mod telemetry;
 pub mod token;
+pub mod trust;

@@ -18,9 +18,10 @@ use kube::api::ListParams;
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::secret::{EXPIRES_AT_ANNOTATION, TOKEN_DIGEST_ANNOTATION, token_digest};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use support::case::*;
+use support::http::read_request;
 use support::k8s::{self, condition, wait_condition};
 use support::keycloak::{self, REALM};
 use support::operator::Operator;
@@ -184,7 +185,8 @@ async fn flaky_proxy(upstream: String) -> Result<(u16, Arc<AtomicUsize>)> {
         while let Ok((mut sock, _)) = listener.accept().await {
             let (http, upstream, seen) = (http.clone(), upstream.clone(), seen.clone());
             tokio::spawn(async move {
-                let Some((path, headers, body)) = read_request(&mut sock).await else { return };
+                let Some(request) = read_request(&mut sock).await else { return };
+                let (path, headers, body) = (request.path().to_owned(), request.headers, request.body);
                 let n = seen.fetch_add(1, Ordering::SeqCst);
                 let (status, content_type, reply) = if n % 2 == 0 {
                     (503, "text/plain".to_owned(), b"flaky".to_vec())
@@ -219,40 +221,6 @@ async fn flaky_proxy(upstream: String) -> Result<(u16, Arc<AtomicUsize>)> {
         }
     });
     Ok((port, count))
-}
-
-/// Reads one HTTP/1.1 request: (path, headers, body).
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 8192];
-    let head_end = loop {
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let path = lines.next()?.split(' ').nth(1)?.to_owned();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-    Some((path, headers, buf[head_end..].to_vec()))
 }
 
 /// Checks that a token Secret is whole: every key agrees with the others.

@@ -10,8 +10,11 @@ use registry_access_operator::api::ClientAuthMethod;
 use registry_access_operator::token::{ClientConfig, TokenClient, TokenError, TokenRequest};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+
+mod support;
+use support::http::{RawRequest, read_request};
 
 const SECRET: &str = "s3cr3t/with+odd&chars";
 
@@ -26,22 +29,8 @@ enum Answer {
     Hang,
 }
 
-/// A request as the server saw it.
-#[derive(Debug, Clone, Default)]
-struct Seen {
-    request_line: String,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
 /// Serves `answer` to every connection on 127.0.0.1 and records the requests.
-async fn server(answer: Answer) -> (Url, Arc<Mutex<Vec<Seen>>>) {
+async fn server(answer: Answer) -> (Url, Arc<Mutex<Vec<RawRequest>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -86,40 +75,6 @@ async fn server(answer: Answer) -> (Url, Arc<Mutex<Vec<Seen>>>) {
     });
     let url = Url::parse(&format!("http://{addr}/auth/realms/r/protocol/openid-connect/token")).unwrap();
     (url, seen)
-}
-
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Seen> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let head_end = loop {
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next()?.to_owned();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
-    Some(Seen { request_line, headers, body })
 }
 
 fn json(status: u16, body: serde_json::Value) -> Answer {
@@ -169,7 +124,10 @@ async fn client_secret_post_sends_the_documented_form() {
     let r = seen.lock().unwrap()[0].clone();
     assert_eq!(r.request_line, "POST /auth/realms/r/protocol/openid-connect/token HTTP/1.1");
     assert_eq!(r.header("content-type"), Some("application/x-www-form-urlencoded"));
-    assert_eq!(r.body, "grant_type=client_credentials&client_id=test-ext&client_secret=s3cr3t%2Fwith%2Bodd%26chars");
+    assert_eq!(
+        r.body_text(),
+        "grant_type=client_credentials&client_id=test-ext&client_secret=s3cr3t%2Fwith%2Bodd%26chars"
+    );
     assert_eq!(r.header("authorization"), None);
 }
 
@@ -178,7 +136,7 @@ async fn client_secret_basic_sends_credentials_in_the_header_only() {
     let (url, seen) = server(json(200, serde_json::json!({"access_token": "tok", "expires_in": 60}))).await;
     request(&url, ClientAuthMethod::ClientSecretBasic, &["openid".into(), "profile".into()]).await.unwrap();
     let r = seen.lock().unwrap()[0].clone();
-    assert_eq!(r.body, "grant_type=client_credentials&scope=openid+profile");
+    assert_eq!(r.body_text(), "grant_type=client_credentials&scope=openid+profile");
     let auth = r.header("authorization").unwrap().strip_prefix("Basic ").unwrap();
     let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(auth).unwrap()).unwrap();
     assert_eq!(decoded, "test-ext:s3cr3t%2Fwith%2Bodd%26chars");

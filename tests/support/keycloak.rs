@@ -235,37 +235,24 @@ impl Keycloak {
         Ok(clients[0]["id"].as_str().ok_or_else(|| format!("client {client_id} not found"))?.to_owned())
     }
 
-    async fn client_secret(&self, realm: &str, id: &str) -> Result<String> {
-        let s: Value = self
-            .admin(reqwest::Method::GET, &format!("{realm}/clients/{id}/client-secret"), None)
-            .await?
-            .json()
-            .await?;
+    /// The client's secret: read (`GET`) or regenerated (`POST`) through the admin API.
+    async fn secret_call(&self, method: reqwest::Method, realm: &str, id: &str) -> Result<String> {
+        let s: Value = self.admin(method, &format!("{realm}/clients/{id}/client-secret"), None).await?.json().await?;
         Ok(s["value"].as_str().ok_or("no client secret")?.to_owned())
+    }
+
+    async fn client_secret(&self, realm: &str, id: &str) -> Result<String> {
+        self.secret_call(reqwest::Method::GET, realm, id).await
     }
 
     /// Regenerates a client's secret, as an administrator rotating it would; returns the new one.
     pub async fn regenerate_secret(&self, realm: &str, id: &str) -> Result<String> {
-        let s: Value = self
-            .admin(reqwest::Method::POST, &format!("{realm}/clients/{id}/client-secret"), None)
-            .await?
-            .json()
-            .await?;
-        Ok(s["value"].as_str().ok_or("no client secret")?.to_owned())
+        self.secret_call(reqwest::Method::POST, realm, id).await
     }
 
     /// How many client_credentials grants Keycloak recorded for a client (CLIENT_LOGIN events).
     pub async fn grants(&self, realm: &str, client_id: &str) -> Result<usize> {
-        let events: Value = self
-            .admin(
-                reqwest::Method::GET,
-                &format!("{realm}/events?type=CLIENT_LOGIN&client={client_id}&max=100000"),
-                None,
-            )
-            .await?
-            .json()
-            .await?;
-        Ok(events.as_array().map(Vec::len).unwrap_or(0))
+        Ok(self.grant_times(realm, client_id).await?.len())
     }
 
     /// When Keycloak recorded each client_credentials grant of a client (Unix milliseconds).

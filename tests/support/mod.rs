@@ -5,6 +5,7 @@
 pub mod case;
 pub mod cluster;
 pub mod harness;
+pub mod http;
 pub mod k8s;
 pub mod keycloak;
 pub mod operator;

@@ -1,0 +1,68 @@
+//! The CA bundle a RegistryAccess names in spec.tls: read inline or from its ConfigMap or Secret,
+//! and checked to hold at least one certificate.
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, Client};
+
+use crate::api::{CaBundleKind, RegistryAccess};
+use crate::controller::Error;
+use crate::credentials::Problem;
+use crate::status::reason;
+use crate::token;
+
+/// The extra CA bundle of `ra`: inline, or read from its ConfigMap or Secret. A missing object or
+/// key, or a bundle without a certificate, is a problem for the status; an API error is an error.
+pub async fn read_ca_bundle(
+    ra: &RegistryAccess,
+    client: &Client,
+    namespace: &str,
+) -> Result<Result<Option<String>, Problem>, Error> {
+    let Some(tls) = &ra.spec.tls else { return Ok(Ok(None)) };
+    let problem = |message: String| Problem { reason: reason::INVALID_CA_BUNDLE, message, transient: false };
+    let pem = match (&tls.ca_bundle, &tls.ca_bundle_ref) {
+        (Some(pem), _) => pem.clone(),
+        (None, None) => return Ok(Ok(None)),
+        (None, Some(r)) => {
+            let kind = match r.kind {
+                CaBundleKind::ConfigMap => "ConfigMap",
+                CaBundleKind::Secret => "Secret",
+            };
+            let read_error =
+                |source| Error::ReadCaBundle { kind, namespace: namespace.to_owned(), name: r.name.clone(), source };
+            let value = match r.kind {
+                CaBundleKind::ConfigMap => {
+                    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+                    api.get_opt(&r.name)
+                        .await
+                        .map_err(read_error)?
+                        .map(|cm| cm.data.unwrap_or_default().get(&r.key).cloned())
+                }
+                CaBundleKind::Secret => {
+                    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+                    api.get_opt(&r.name).await.map_err(read_error)?.map(|s| {
+                        s.data.unwrap_or_default().get(&r.key).map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                    })
+                }
+            };
+            match value {
+                None => {
+                    return Ok(Err(problem(format!(
+                        "{kind} {namespace}/{} named in spec.tls.caBundleRef does not exist",
+                        r.name
+                    ))));
+                }
+                Some(None) => {
+                    return Ok(Err(problem(format!(
+                        "{kind} {namespace}/{} has no key {:?} (spec.tls.caBundleRef.key)",
+                        r.name, r.key
+                    ))));
+                }
+                Some(Some(pem)) => pem,
+            }
+        }
+    };
+    Ok(match token::parse_ca_bundle(&pem) {
+        Ok(_) => Ok(Some(pem)),
+        Err(e) => Err(problem(format!("spec.tls: {e}"))),
+    })
+}
