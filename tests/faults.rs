@@ -285,6 +285,27 @@ async fn control_plane_restart_is_survived(env: Arc<Env>) -> Result<()> {
         c.ready(n).await?;
     }
     let before: Vec<String> = vec![c.access_token("a-token").await?, c.access_token("b-token").await?];
+    // Every token the Secrets hold, sampled whenever the API answers.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (kubeconfig, ns, stop) = (env.cluster.kubeconfig.clone(), c.ns.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(client) = support::cluster::client_for(&kubeconfig).await {
+                    for n in ["a", "b"] {
+                        if let Ok(Some(d)) = k8s::secret_data(&client, &ns, &format!("{n}-token")).await
+                            && let Some(t) = d.get("access_token")
+                        {
+                            seen.insert(t.clone());
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            seen
+        })
+    };
     let t = Instant::now();
     env.cluster.restart_control_plane().await?;
     eprintln!("[faults] control plane restarted in {:.1}s", t.elapsed().as_secs_f64());
@@ -298,6 +319,12 @@ async fn control_plane_restart_is_survived(env: Arc<Env>) -> Result<()> {
         assert!(&now != old, "{n}: no refresh after the control plane restart");
         assert!(s.expires_at.ok_or("no expiresAt")?.0 > Timestamp::now());
     }
+    stop.store(true, Ordering::SeqCst);
+    let seen = sampler.await?;
+    let grants = c.kc().grants(REALM, &client_id).await?;
+    // Each grant reached a Secret, but for at most one retried per object.
+    assert!(grants <= seen.len() + 2, "{grants} grants for {} tokens seen", seen.len());
+    eprintln!("[faults] {grants} grants, {} tokens seen across the restart", seen.len());
     c.operator.check_alive()?;
     let logs = c.operator.logs();
     assert!(logs.contains("token refreshed"), "no refresh logged");
@@ -373,7 +400,9 @@ async fn sigkill_mid_batch_loses_nothing(env: Arc<Env>) -> Result<()> {
 /// A token that cannot be stored (the API server refuses the write) is reported, not lost.
 async fn an_unwritable_secret_is_reported(env: Arc<Env>) -> Result<()> {
     let mut c = Case::new(env, "unwritable").await?;
-    let mut spec = c.spec(c.kc(), keycloak::TEST_EXT, "creds-later");
+    let client_id = unique("unwritable");
+    let kc = c.kc().create_client(REALM, &client_id, None, true).await?;
+    let mut spec = c.spec(c.kc(), &client_id, "creds-later");
     spec["secret"] = json!({"name": "custom-token"});
     c.ra("stuck", spec.clone()).await?;
     let ras: Api<RegistryAccess> = Api::namespaced(c.client.clone(), &c.ns);
@@ -388,12 +417,18 @@ async fn an_unwritable_secret_is_reported(env: Arc<Env>) -> Result<()> {
     }))?;
     Api::<Secret>::namespaced(c.client.clone(), &c.ns).create(&Default::default(), &odd).await?;
     spec["clientSecretRef"]["name"] = json!("creds");
-    c.client_secret("creds", keycloak::TEST_EXT_SECRET).await?;
+    c.client_secret("creds", &kc.secret).await?;
     c.ra("stuck", spec).await?;
     let s = wait_condition(&c.client, &c.ns, "stuck", "Degraded", "True", "SecretWriteFailed", Duration::from_secs(30))
         .await?;
     let message = condition(&s, "Degraded").ok_or("no Degraded")?.2;
     assert!(message.contains("custom-token") && message.contains("immutable"), "{message}");
+    // Retries write the token already issued instead of asking Keycloak again.
+    wait_until("three write attempts", Duration::from_secs(30), || async {
+        k8s::ra_status(&c.client, &c.ns, "stuck").await.ok().flatten().and_then(|s| s.failed_attempts).unwrap_or(0) >= 3
+    })
+    .await?;
+    assert_eq!(c.kc().grants(REALM, &client_id).await?, 1, "a retry of a failed write asked Keycloak again");
     c.operator.check_alive()?;
     c.finish().await
 }
