@@ -130,6 +130,16 @@ impl Context {
         }
     }
 
+    /// Drops everything kept about a deleted object.
+    fn forget(&self, ra: &RegistryAccess) {
+        self.metrics.forget_object(&ra.namespace().unwrap_or_default(), &ra.name_any());
+        let uid = ra.uid().unwrap_or_default();
+        self.set_failure(&uid, None);
+        if let Ok(mut m) = self.unwritten.lock() {
+            m.remove(&uid);
+        }
+    }
+
     fn set_failure(&self, uid: &str, f: Option<Failure>) {
         if let Ok(mut m) = self.failures.lock() {
             match f {
@@ -217,16 +227,16 @@ fn controller(
     let (store, writer) = reflector::store();
     // Reconcile on spec and annotation changes only: the operator's own status writes do not
     // trigger another round.
-    let metrics = ctx.metrics.clone();
+    let forget = ctx.clone();
     let counted = store.clone();
     let ra_events = watcher(ras, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| {
             if let Ok(watcher::Event::Delete(ra)) = event {
-                metrics.forget_object(&ra.namespace().unwrap_or_default(), &ra.name_any());
+                forget.forget(ra);
             }
-            metrics.set_objects(counted.len());
+            forget.metrics.set_objects(counted.len());
         })
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());

@@ -81,9 +81,7 @@ async fn issues_a_verified_token_for_the_documented_client(env: Arc<Env>) -> Res
 /// Short tokens are replaced before each expiry, one grant per refresh.
 async fn refreshes_before_every_expiry(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "refresh").await?;
-    let client_id = unique("refresh");
-    let client = c.kc().create_client(REALM, &client_id, Some(20), true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, _) = c.client_with_creds("refresh", Some(20)).await?;
     c.ra("short", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("short").await?;
 
@@ -125,9 +123,7 @@ async fn refreshes_before_every_expiry(env: Arc<Env>) -> Result<()> {
 /// A rotated client secret is used at once; a wrong one keeps the last good token.
 async fn rotated_and_wrong_client_secrets(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "rotate").await?;
-    let client_id = unique("rotate");
-    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, client) = c.client_with_creds("rotate", None).await?;
     c.ra("rot", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("rot").await?;
     let first = c.access_token("rot-token").await?;
@@ -222,9 +218,7 @@ async fn survives_a_keycloak_outage(env: Arc<Env>) -> Result<()> {
 /// A restarted operator issues no token while the current ones are valid.
 async fn restart_issues_no_new_tokens(env: Arc<Env>) -> Result<()> {
     let mut c = Case::new(env, "restart").await?;
-    let client_id = unique("restart");
-    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, _) = c.client_with_creds("restart", None).await?;
     for name in ["a", "b", "c"] {
         c.ra(name, c.spec(c.kc(), &client_id, "creds")).await?;
     }
@@ -268,9 +262,7 @@ async fn restart_issues_no_new_tokens(env: Arc<Env>) -> Result<()> {
 /// derived key was changed, a new one where the token itself was.
 async fn restores_an_edited_or_deleted_token_secret(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "restore").await?;
-    let client_id = unique("restore");
-    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, _) = c.client_with_creds("restore", None).await?;
     c.ra("r", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("r").await?;
     let first = c.access_token("r-token").await?;
@@ -310,9 +302,7 @@ async fn restores_an_edited_or_deleted_token_secret(env: Arc<Env>) -> Result<()>
 async fn allow_list_refuses_other_servers(env: Arc<Env>) -> Result<()> {
     let allowed = format!("--allowed-server={}", env.keycloak.base_url);
     let c = Case::with_operator_args(env, "allowlist", &[allowed.as_str()]).await?;
-    let client_id = unique("allow");
-    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, _) = c.client_with_creds("allow", None).await?;
     c.ra("good", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("good").await?;
     // The same Keycloak under another name is another server as far as the list is concerned.
@@ -333,9 +323,7 @@ async fn metrics_and_events_follow_tokens_and_failures(env: Arc<Env>) -> Result<
     let port = support::process::free_port()?;
     let probe = format!("--probe-addr=127.0.0.1:{port}");
     let c = Case::with_operator_args(env, "observe", &[probe.as_str()]).await?;
-    let client_id = unique("observe");
-    let client = c.kc().create_client(REALM, &client_id, Some(20), true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, client) = c.client_with_creds("observe", Some(20)).await?;
     c.ra("obs", c.spec(c.kc(), &client_id, "creds")).await?;
     let status = c.ready("obs").await?;
     let expiry = status.expires_at.ok_or("no expiresAt")?.0.as_second();
@@ -381,9 +369,7 @@ async fn metrics_and_events_follow_tokens_and_failures(env: Arc<Env>) -> Result<
 /// The refresh annotation issues one new token per new value.
 async fn refresh_on_demand(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "on-demand").await?;
-    let client_id = unique("ondemand");
-    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, _) = c.client_with_creds("ondemand", None).await?;
     c.ra("od", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("od").await?;
     let first = c.access_token("od-token").await?;
@@ -659,9 +645,7 @@ async fn leader_failover_keeps_tokens_fresh(env: Arc<Env>) -> Result<()> {
 /// Deleting a RegistryAccess deletes its Secret; a foreign Secret of the target name is kept.
 async fn garbage_collection_and_foreign_secrets(env: Arc<Env>) -> Result<()> {
     let c = Case::new(env, "ownership").await?;
-    let client_id = unique("owner");
-    let client = c.kc().create_client(REALM, &client_id, None, true).await?;
-    c.client_secret("creds", &client.secret).await?;
+    let (client_id, _) = c.client_with_creds("owner", None).await?;
     c.ra("gone", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("gone").await?;
     c.access_token("gone-token").await?;

@@ -277,9 +277,7 @@ async fn flaky_keycloak_still_refreshes_before_expiry(env: Arc<Env>) -> Result<(
 /// kube-apiserver and etcd restarted: watches recover and refreshes continue.
 async fn control_plane_restart_is_survived(env: Arc<Env>) -> Result<()> {
     let mut c = Case::new(env.clone(), "restart-api").await?;
-    let client_id = unique("cp");
-    let kc = c.kc().create_client(REALM, &client_id, Some(20), true).await?;
-    c.client_secret("creds", &kc.secret).await?;
+    let (client_id, _) = c.client_with_creds("cp", Some(20)).await?;
     for n in ["a", "b"] {
         c.ra(n, c.spec(c.kc(), &client_id, "creds")).await?;
         c.ready(n).await?;

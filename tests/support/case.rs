@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use registry_access_operator::api::RegistryAccess;
 use serde_json::{Value, json};
 
-use super::keycloak::{Keycloak, REALM};
+use super::keycloak::{ClientInfo, Keycloak, REALM};
 use super::operator::Operator;
 use super::{Env, Result, k8s};
 use k8s::wait_condition;
@@ -50,6 +50,15 @@ impl Case {
     /// Registers a value that must not appear in logs, statuses or Events.
     pub fn sensitive(&self, s: &str) {
         self.sensitive.lock().unwrap().insert(s.to_owned());
+    }
+
+    /// A Keycloak client of its own for this case (so that its grants can be counted), with
+    /// the test role and the given token lifespan, and its secret in the Secret `creds`.
+    pub async fn client_with_creds(&self, prefix: &str, lifespan_secs: Option<u32>) -> Result<(String, ClientInfo)> {
+        let client_id = unique(prefix);
+        let client = self.kc().create_client(REALM, &client_id, lifespan_secs, true).await?;
+        self.client_secret("creds", &client.secret).await?;
+        Ok((client_id, client))
     }
 
     /// A client Secret holding `secret` under the default key.
