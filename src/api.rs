@@ -260,6 +260,10 @@ pub struct RegistryAccessStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// A RegistryAccess as stored, or the metadata of one that cannot be decoded (written by another
+/// version of the CRD): such an object is reported and skipped, never fatal to the watch.
+pub type Guarded = kube::core::DeserializeGuard<RegistryAccess>;
+
 impl RegistryAccess {
     /// Name of the token Secret: `spec.secret.name`, or `<metadata.name>-token`.
     pub fn token_secret_name(&self) -> String {

@@ -5,7 +5,8 @@ use kube::ResourceExt;
 use secrecy::SecretString;
 
 use crate::api::{REFRESH_ANNOTATION, RegistryAccess};
-use crate::status::reason;
+pub use crate::failure::Problem;
+use crate::failure::reason;
 
 /// The client secret and the digest of the request inputs it belongs to.
 pub struct Credentials {
@@ -16,30 +17,18 @@ pub struct Credentials {
     pub inputs: String,
 }
 
-/// Why the client secret cannot be used; the message says what to fix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub reason: &'static str,
-    pub message: String,
-    /// Likely to go away by itself (Keycloak down or failing).
-    pub transient: bool,
-}
-
 /// Extracts the client secret of `ra` from `secret` (the referenced Secret, if it exists).
 pub fn extract(ra: &RegistryAccess, secret: Option<&Secret>) -> Result<Credentials, Problem> {
     let r = &ra.spec.client_secret_ref;
     let ns = ra.namespace().unwrap_or_default();
     let Some(secret) = secret else {
-        return Err(Problem {
-            reason: reason::CLIENT_SECRET_NOT_FOUND,
-            message: format!("Secret {ns}/{} named in spec.clientSecretRef does not exist", r.name),
-            transient: false,
-        });
+        return Err(not_found(ra));
     };
-    let missing = |what: &str| Problem {
-        reason: reason::CLIENT_SECRET_KEY_MISSING,
-        message: format!("Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key", r.name),
-        transient: false,
+    let missing = |what: &str| {
+        Problem::fix(
+            reason::CLIENT_SECRET_KEY_MISSING,
+            format!("Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key", r.name),
+        )
     };
     let raw =
         secret.data.as_ref().and_then(|d| d.get(&r.key)).ok_or_else(|| missing(&format!("has no key {:?}", r.key)))?;
@@ -49,11 +38,30 @@ pub fn extract(ra: &RegistryAccess, secret: Option<&Secret>) -> Result<Credentia
     if value.is_empty() {
         return Err(missing(&format!("key {:?} is empty", r.key)));
     }
-    Ok(Credentials { client_secret: SecretString::from(value.to_owned()), inputs: inputs_digest(ra, secret) })
+    let inputs = inputs_digest(
+        ra,
+        secret.metadata.uid.as_deref().unwrap_or_default(),
+        secret.metadata.resource_version.as_deref().unwrap_or_default(),
+    );
+    Ok(Credentials { client_secret: SecretString::from(value.to_owned()), inputs })
 }
 
-/// Digest of what the token was requested with (no secret material).
-pub fn inputs_digest(ra: &RegistryAccess, secret: &Secret) -> String {
+/// The problem of a client Secret that does not exist.
+pub fn not_found(ra: &RegistryAccess) -> Problem {
+    Problem::fix(
+        reason::CLIENT_SECRET_NOT_FOUND,
+        format!(
+            "Secret {}/{} named in spec.clientSecretRef does not exist",
+            ra.namespace().unwrap_or_default(),
+            ra.spec.client_secret_ref.name
+        ),
+    )
+}
+
+/// Digest of what the token was requested with (no secret material): the spec's request fields
+/// and the client Secret's `uid` and `resourceVersion`, which the metadata watch gives without
+/// reading the Secret.
+pub fn inputs_digest(ra: &RegistryAccess, secret_uid: &str, secret_version: &str) -> String {
     use sha2::Digest as _;
     let s = &ra.spec;
     let mut h = sha2::Sha256::new();
@@ -65,8 +73,8 @@ pub fn inputs_digest(ra: &RegistryAccess, secret: &Secret) -> String {
         &s.scopes.join(" "),
         &s.client_secret_ref.name,
         &s.client_secret_ref.key,
-        secret.metadata.uid.as_deref().unwrap_or_default(),
-        secret.metadata.resource_version.as_deref().unwrap_or_default(),
+        secret_uid,
+        secret_version,
         // A new value of the refresh annotation is a request for a new token.
         ra.metadata
             .annotations

@@ -1,13 +1,15 @@
-//! The decision "request a token now, or wait until when" as a pure function of what was observed
+//! Stage 2 of a reconcile, pure: "request a token now, or wait until when", and what follows a
+//! request's outcome (the failure to record, when to look again), as functions of what was read
 //! and the clock.
 
 use std::time::Duration;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 
+use crate::failure::Problem;
 use crate::schedule::{self, RenewPlan};
 use crate::secret::Observed;
-use crate::token::IssuedToken;
+use crate::token::TokenFacts;
 
 /// The last failed attempt to get a token for one object, kept until an attempt succeeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +22,7 @@ pub struct Failure {
     /// The request inputs that failed; new inputs (a fixed spec, a rotated client secret) are
     /// tried at once.
     pub inputs: Option<String>,
-    /// The condition reason, a name from [`crate::status::reason`].
+    /// The condition reason, a name from [`crate::failure::reason`].
     pub reason: &'static str,
     /// What went wrong and what to fix; never contains a secret.
     pub message: String,
@@ -76,7 +78,7 @@ pub struct Inputs<'a> {
 
 /// The renewal plan of a token; the jitter comes from `jitter_seed` and the expiry, so the same
 /// token always gets the same plan (a restart plans the same time).
-pub fn plan_for(token: &IssuedToken, renew_before: Option<Duration>, jitter_seed: &str) -> RenewPlan {
+pub fn plan_for(token: &TokenFacts, renew_before: Option<Duration>, jitter_seed: &str) -> RenewPlan {
     let jitter = schedule::jitter_from(&format!("{jitter_seed}/{}", token.expires_at));
     schedule::plan_renewal(token.issued_at, token.expires_at, renew_before, jitter)
 }
@@ -123,11 +125,79 @@ pub fn decide(i: Inputs<'_>) -> Decision {
     }
 }
 
+/// When a request decided now was meant to go: the renewal time of a due token, the retry time
+/// after a failure, else now. The renewal lag is counted from here.
+pub fn due_at(i: &Inputs<'_>, reason: FetchReason) -> Timestamp {
+    if let Some(f) = i.failure.filter(|f| f.inputs.as_deref() == i.inputs) {
+        return f.retry_at.min(i.now);
+    }
+    match (reason, renewal(i.observed, i.renew_before, i.jitter_seed)) {
+        (FetchReason::Due, Some(plan)) => plan.renew_at.min(i.now),
+        _ => i.now,
+    }
+}
+
+/// What follows the outcome of a token request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterAttempt {
+    /// The token the Secret holds now.
+    pub held: Option<TokenFacts>,
+    /// The failure to remember; `None` after a success.
+    pub failure: Option<Failure>,
+    /// When to look again: the renewal of the new token, or the retry.
+    pub next: Timestamp,
+}
+
+/// What follows an attempt that gave `outcome`, decided with `i`; `jitter` in `[0, 1)` spreads
+/// the retries.
+pub fn after_attempt(i: &Inputs<'_>, outcome: Result<&TokenFacts, &Problem>, jitter: f64) -> AfterAttempt {
+    let (now, renew_before, jitter_seed, inputs) = (i.now, i.renew_before, i.jitter_seed, i.inputs);
+    let previous = match i.observed {
+        Observed::Held(h) => Some(&h.token),
+        _ => None,
+    };
+    // A failure recorded for other inputs does not count: these inputs are tried for the first time.
+    let failure = i.failure.filter(|f| f.inputs.as_deref() == inputs);
+    match outcome {
+        Ok(token) => AfterAttempt {
+            held: Some(token.clone()),
+            failure: None,
+            next: plan_for(token, renew_before, jitter_seed).renew_at,
+        },
+        Err(problem) => {
+            let attempts = failure.map(|f| f.attempts).unwrap_or(0).saturating_add(1);
+            let expires_at = previous.map(|t| t.expires_at);
+            let mut retry_at = schedule::retry_at(now, attempts, problem.transient, expires_at, jitter);
+            // A server that says when to come back is believed, even past the token's expiry.
+            if let Some(wait) = problem.retry_after.and_then(|d| SignedDuration::try_from(d).ok()) {
+                retry_at = retry_at.max(now + wait);
+            }
+            let next = match expires_at {
+                Some(e) if e > now => retry_at.min(e),
+                _ => retry_at,
+            };
+            AfterAttempt {
+                held: previous.cloned(),
+                failure: Some(Failure {
+                    attempts,
+                    at: now,
+                    retry_at,
+                    inputs: inputs.map(str::to_owned),
+                    reason: problem.reason,
+                    message: problem.message.clone(),
+                }),
+                next,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::reason;
     use crate::secret::HeldToken;
-    use crate::secret::tests::token;
+    use crate::secret::tests::facts as token;
 
     const T0: i64 = 1_700_000_000;
 
@@ -217,6 +287,91 @@ mod tests {
     fn backoff_wakes_up_at_expiry_to_report_it() {
         let f = failure(290, 330, Some("in"));
         assert_eq!(decide_at(295, &held(0, 300, "in"), Some("in"), Some(&f)), Decision::Wait { until: at(300) });
+    }
+
+    #[test]
+    fn a_success_plans_the_renewal_and_clears_the_failure() {
+        let t = token(T0, T0 + 300);
+        let f = failure(100, 110, Some("in"));
+        let i = Inputs {
+            now: at(0),
+            observed: &Observed::Missing,
+            inputs: Some("in"),
+            renew_before: None,
+            failure: Some(&f),
+            jitter_seed: "uid",
+        };
+        let a = after_attempt(&i, Ok(&t), 0.5);
+        assert_eq!(a.failure, None);
+        assert_eq!(a.next, plan_for(&t, None, "uid").renew_at);
+        // The plan right after the request is the one read back from the Secret later: no second
+        // status write for a moved renewAt.
+        let Decision::Wait { until } = decide_at(1, &held(0, 300, "in"), Some("in"), None) else { panic!() };
+        assert_eq!(until, a.next);
+    }
+
+    #[test]
+    fn a_failure_counts_attempts_keeps_the_token_and_retries_before_expiry() {
+        let t = token(T0, T0 + 300);
+        let p = Problem::transient(reason::KEYCLOAK_UNAVAILABLE, "down");
+        let f = failure(190, 195, Some("in"));
+        let obs = held(0, 300, "in");
+        let i = Inputs {
+            now: at(290),
+            observed: &obs,
+            inputs: Some("in"),
+            renew_before: None,
+            failure: Some(&f),
+            jitter_seed: "uid",
+        };
+        let a = after_attempt(&i, Err(&p), 0.0);
+        let nf = a.failure.unwrap();
+        assert_eq!((nf.attempts, nf.reason), (2, reason::KEYCLOAK_UNAVAILABLE));
+        assert_eq!(a.held, Some(t));
+        assert!(a.next <= at(300), "{}", a.next);
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let mut p = Problem::transient(reason::RATE_LIMITED, "slow down");
+        p.retry_after = Some(Duration::from_secs(45));
+        let i = Inputs {
+            now: at(0),
+            observed: &Observed::Missing,
+            inputs: Some("in"),
+            renew_before: None,
+            failure: None,
+            jitter_seed: "uid",
+        };
+        let a = after_attempt(&i, Err(&p), 0.0);
+        assert_eq!(a.failure.unwrap().retry_at, at(45));
+    }
+
+    #[test]
+    fn lag_counts_from_the_renewal_or_retry_time() {
+        let obs = held(0, 300, "in");
+        let plan = plan_for(&token(T0, T0 + 300), None, "uid");
+        let i = Inputs {
+            now: at(250),
+            observed: &obs,
+            inputs: Some("in"),
+            renew_before: None,
+            failure: None,
+            jitter_seed: "uid",
+        };
+        assert_eq!(due_at(&i, FetchReason::Due), plan.renew_at);
+        let f = failure(220, 230, Some("in"));
+        let i = Inputs { failure: Some(&f), ..i };
+        assert_eq!(due_at(&i, FetchReason::Due), at(230));
+        let i = Inputs {
+            now: at(5),
+            observed: &Observed::Missing,
+            inputs: Some("in"),
+            renew_before: None,
+            failure: None,
+            jitter_seed: "uid",
+        };
+        assert_eq!(due_at(&i, FetchReason::NoToken), at(5));
     }
 
     #[test]

@@ -10,10 +10,10 @@ use kube::CustomResourceExt;
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::controller::{self, RunConfig};
 use registry_access_operator::leader::LeaderConfig;
-use registry_access_operator::limits::{self, LimitConfig};
 use registry_access_operator::metrics::Metrics;
 use registry_access_operator::policy;
 use registry_access_operator::probes::{self, Readiness};
+use registry_access_operator::queue::{self, QueueConfig};
 use registry_access_operator::telemetry::{self, LogFormat};
 use registry_access_operator::token;
 use std::sync::Arc;
@@ -65,20 +65,23 @@ struct RunArgs {
     #[arg(long, default_value = "registry-access-operator")]
     leader_election_lease_name: String,
     /// How long the Lease stays valid after the holder's last renewal, e.g. `15s`: the longest
-    /// a failed leader blocks a standby.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    /// a failed leader blocks a standby (2s to 10m).
+    #[arg(long, default_value = "15s", value_parser = duration_in(Duration::from_secs(2), Duration::from_secs(600)))]
     leader_election_lease_duration: Duration,
-    /// The holder renews the Lease this long before it would expire.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// The holder renews the Lease this long before it would expire (1s to 10m, shorter than the
+    /// lease duration).
+    #[arg(long, default_value = "5s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(600)))]
     leader_election_renew_grace: Duration,
-    /// Most token requests in flight for the whole operator.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_IN_FLIGHT)]
+    /// Most token requests in flight for the whole operator (1 to 10000).
+    #[arg(long, default_value_t = queue::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     max_requests_in_flight: usize,
-    /// Most token requests in flight to one Keycloak server.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_IN_FLIGHT_PER_SERVER)]
+    /// Most token requests in flight to one Keycloak server (1 to 1000): a server that never
+    /// answers holds this many, and no more.
+    #[arg(long, default_value_t = queue::DEFAULT_MAX_IN_FLIGHT_PER_SERVER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
     max_requests_in_flight_per_server: usize,
-    /// Most token requests per second to one Keycloak server.
-    #[arg(long, default_value_t = limits::DEFAULT_PER_SERVER_PER_SECOND)]
+    /// Token requests per second to one Keycloak server, evenly spread (1 to 100000). Size it
+    /// as objects x 1.5 / token lifetime in seconds, with margin.
+    #[arg(long, default_value_t = queue::DEFAULT_PER_SERVER_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_requests_per_second_per_server: u32,
     /// Log filter, e.g. `info` or `registry_access_operator=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
@@ -86,23 +89,35 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Most RegistryAccess objects reconciled at once.
-    #[arg(long, default_value_t = 16)]
+    /// Most RegistryAccess objects reconciled at once (1 to 1024). Reconciles only wait for the
+    /// Kubernetes API: token requests wait in their own queue.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: u16,
-    /// Time allowed to connect to Keycloak, e.g. `5s`.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// Time allowed to connect to Keycloak, e.g. `5s` (100ms to 5m).
+    #[arg(long, default_value = "5s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(300)))]
     connect_timeout: Duration,
-    /// Time allowed for one token request, e.g. `15s`.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    /// Time allowed for one token request, e.g. `15s` (100ms to 5m).
+    #[arg(long, default_value = "15s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(300)))]
     request_timeout: Duration,
+    /// Time allowed for one Kubernetes API call, e.g. `30s` (1s to 5m): a connection that stops
+    /// answering frees its reconcile slot after this long.
+    #[arg(long, default_value = "30s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(300)))]
+    api_timeout: Duration,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
-    if d.is_negative() {
-        return Err("duration must not be negative".to_owned());
+/// A parser of Go-style durations (`30s`, `1m30s`) within `[min, max]`.
+fn duration_in(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |s: &str| {
+        let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
+        if d.is_negative() {
+            return Err("duration must not be negative".to_owned());
+        }
+        let d: Duration = d.into();
+        if d < min || d > max {
+            return Err(format!("must be between {min:?} and {max:?}"));
+        }
+        Ok(d)
     }
-    Ok(d.into())
 }
 
 #[tokio::main]
@@ -126,7 +141,11 @@ async fn main() -> ExitCode {
 async fn run(args: RunArgs) -> ExitCode {
     telemetry::init(&args.log_level, args.log_format);
     token::install_crypto_provider();
-    let client = match client(args.kubeconfig.as_deref()).await {
+    if args.leader_election && args.leader_election_renew_grace >= args.leader_election_lease_duration {
+        tracing::error!("--leader-election-renew-grace must be shorter than --leader-election-lease-duration");
+        return ExitCode::FAILURE;
+    }
+    let (watch_client, client) = match clients(args.kubeconfig.as_deref(), args.api_timeout).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot build a Kubernetes client");
@@ -169,7 +188,7 @@ async fn run(args: RunArgs) -> ExitCode {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         readiness,
         allowed_servers,
-        limits: LimitConfig {
+        limits: QueueConfig {
             max_in_flight: args.max_requests_in_flight,
             max_in_flight_per_server: args.max_requests_in_flight_per_server,
             per_server_per_second: args.max_requests_per_second_per_server,
@@ -195,7 +214,7 @@ async fn run(args: RunArgs) -> ExitCode {
             ca_bundle,
         },
     };
-    match controller::run(client, config).await {
+    match controller::run(watch_client, client, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "controller failed");
@@ -204,7 +223,12 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Box<dyn std::error::Error>> {
+/// Two Kubernetes clients: one for the watches (long-lived requests), one for every other call,
+/// where a response that does not come within `timeout` fails the call.
+async fn clients(
+    kubeconfig: Option<&std::path::Path>,
+    timeout: Duration,
+) -> Result<(kube::Client, kube::Client), Box<dyn std::error::Error>> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)?;
@@ -212,5 +236,11 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Bo
         }
         None => kube::Config::infer().await?,
     };
-    Ok(kube::Client::try_from(config)?)
+    let mut timed = config.clone();
+    timed.read_timeout = Some(timeout);
+    timed.write_timeout = Some(timeout);
+    // The time limit counts from when a request is sent, not from when its pooled connection
+    // went idle.
+    timed.reset_reader_on_write = true;
+    Ok((kube::Client::try_from(config)?, kube::Client::try_from(timed)?))
 }

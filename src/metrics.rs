@@ -27,6 +27,12 @@ pub struct RequestLabels {
     pub reason: String,
 }
 
+/// Labels of a failed reconcile: the stage that failed at the Kubernetes API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+}
+
 /// All of the operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -36,9 +42,12 @@ pub struct Metrics {
     keycloak_duration: Histogram,
     in_flight: Gauge<i64>,
     reconciles: Counter,
-    reconcile_errors: Counter,
+    reconcile_errors: Family<ErrorLabels, Counter>,
     reconcile_duration: Histogram,
     objects: Gauge<i64>,
+    renewal_lag: Histogram,
+    queued: Gauge<i64>,
+    undecodable: Gauge<i64>,
     /// Serializes rendering (the registry's encoder needs exclusive access to nothing, but one
     /// scrape at a time keeps the output consistent).
     render: Mutex<()>,
@@ -84,12 +93,31 @@ impl Metrics {
         registry.register("token_requests_in_flight", "Token requests currently in flight", in_flight.clone());
         let reconciles = Counter::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        let reconcile_errors = Counter::default();
-        registry.register("reconcile_errors", "Reconciles that failed at the Kubernetes API", reconcile_errors.clone());
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed at the Kubernetes API, by the stage that failed",
+            reconcile_errors.clone(),
+        );
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register("reconcile_duration_seconds", "Duration of reconciles", reconcile_duration.clone());
         let objects = Gauge::<i64>::default();
         registry.register("managed_objects", "RegistryAccess objects the operator manages", objects.clone());
+        // 10 ms to ~160 s.
+        let renewal_lag = Histogram::new(exponential_buckets(0.01, 2.0, 15));
+        registry.register(
+            "renewal_lag_seconds",
+            "How late token requests start after they were due (the renewal or retry time): grows when demand nears the pace",
+            renewal_lag.clone(),
+        );
+        let queued = Gauge::<i64>::default();
+        registry.register("token_requests_queued", "Token requests waiting for their turn", queued.clone());
+        let undecodable = Gauge::<i64>::default();
+        registry.register(
+            "undecodable_objects",
+            "RegistryAccess objects stored in a form this operator cannot read (skipped)",
+            undecodable.clone(),
+        );
         Self {
             registry,
             token_expiry,
@@ -101,6 +129,9 @@ impl Metrics {
             reconcile_errors,
             reconcile_duration,
             objects,
+            renewal_lag,
+            queued,
+            undecodable,
             render: Mutex::new(()),
         }
     }
@@ -136,12 +167,26 @@ impl Metrics {
         RequestTimer { metrics: self, start: std::time::Instant::now(), done: false }
     }
 
-    pub fn reconciled(&self, took: Duration, failed: bool) {
+    /// Records a reconcile; `failed` names the stage that failed at the Kubernetes API.
+    pub fn reconciled(&self, took: Duration, failed: Option<&str>) {
         self.reconciles.inc();
-        if failed {
-            self.reconcile_errors.inc();
+        if let Some(kind) = failed {
+            self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.to_owned() }).inc();
         }
         self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records how late a token request started after it was due.
+    pub fn renewal_lag(&self, lag: Duration) {
+        self.renewal_lag.observe(lag.as_secs_f64());
+    }
+
+    pub fn set_queued(&self, n: usize) {
+        self.queued.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_undecodable(&self, n: usize) {
+        self.undecodable.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The metrics in the Prometheus text format.
@@ -197,7 +242,11 @@ mod tests {
         assert!(m.render().contains("registry_access_token_requests_in_flight 1"));
         t.finish(None);
         m.token_request().finish(Some("KeycloakUnavailable"));
-        m.reconciled(Duration::from_millis(3), false);
+        m.reconciled(Duration::from_millis(3), None);
+        m.reconciled(Duration::from_millis(3), Some("apply_status"));
+        m.renewal_lag(Duration::from_millis(20));
+        m.set_queued(3);
+        m.set_undecodable(1);
         m.set_objects(1);
         let text = m.render();
         for line in [
@@ -207,7 +256,11 @@ mod tests {
             r#"registry_access_token_requests_total{result="failure",reason="KeycloakUnavailable"} 1"#,
             "registry_access_token_requests_in_flight 0",
             "registry_access_keycloak_request_duration_seconds_count 2",
-            "registry_access_reconciles_total 1",
+            "registry_access_reconciles_total 2",
+            r#"registry_access_reconcile_errors_total{kind="apply_status"} 1"#,
+            "registry_access_renewal_lag_seconds_count 1",
+            "registry_access_token_requests_queued 3",
+            "registry_access_undecodable_objects 1",
             "registry_access_managed_objects 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::api::RegistryAccess;
 use crate::jwt;
-use crate::token::IssuedToken;
+use crate::token::{IssuedToken, TokenFacts};
 
 /// The operator's name: field manager of its writes and value of the managed-by label.
 pub const MANAGER: &str = "registry-access-operator";
@@ -53,10 +53,10 @@ pub enum Observed {
     Held(HeldToken),
 }
 
-/// A token read back from our Secret.
-#[derive(Debug, Clone)]
+/// What our Secret holds: the facts of its token (not the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldToken {
-    pub token: IssuedToken,
+    pub token: TokenFacts,
     /// The inputs the token was issued for, as recorded when it was written.
     pub inputs: Option<String>,
 }
@@ -113,12 +113,13 @@ pub fn observe(ra: &RegistryAccess, live: Option<&Secret>) -> Observed {
         return Observed::Foreign;
     }
     match read_token(live) {
-        Some(held) => Observed::Held(held),
+        Some((token, inputs)) => Observed::Held(HeldToken { token: token.facts(), inputs }),
         None => Observed::Damaged,
     }
 }
 
-fn read_token(live: &Secret) -> Option<HeldToken> {
+/// The token our Secret holds and the inputs it was issued for, if it is intact.
+pub fn read_token(live: &Secret) -> Option<(IssuedToken, Option<String>)> {
     let annotations = live.metadata.annotations.as_ref()?;
     let data = live.data.as_ref()?;
     let access_token = std::str::from_utf8(&data.get(KEY_ACCESS_TOKEN)?.0).ok()?;
@@ -128,16 +129,16 @@ fn read_token(live: &Secret) -> Option<HeldToken> {
     let expires_at: Timestamp = annotations.get(EXPIRES_AT_ANNOTATION)?.parse().ok()?;
     let issued_at: Timestamp = annotations.get(ISSUED_AT_ANNOTATION)?.parse().ok()?;
     let claims = jwt::decode_claims(access_token).unwrap_or_default();
-    Some(HeldToken {
-        token: IssuedToken {
+    Some((
+        IssuedToken {
             access_token: SecretString::from(access_token.to_owned()),
             issued_at,
             expires_at,
             scope: annotations.get(SCOPE_ANNOTATION).cloned(),
             realm_roles: claims.realm_roles,
         },
-        inputs: annotations.get(INPUTS_ANNOTATION).cloned(),
-    })
+        annotations.get(INPUTS_ANNOTATION).cloned(),
+    ))
 }
 
 /// True when `live` differs from `desired` in anything the operator sets, so it must be applied
@@ -195,6 +196,10 @@ pub(crate) mod tests {
             scope: Some("profile email".into()),
             realm_roles: vec!["trembita-invoker".into()],
         }
+    }
+
+    pub(crate) fn facts(issued: i64, expires: i64) -> TokenFacts {
+        token(issued, expires).facts()
     }
 
     fn value(s: &Secret, k: &str) -> String {

@@ -7,53 +7,13 @@ use crate::api::RegistryAccessStatus;
 use crate::decide::Failure;
 use crate::schedule::RenewPlan;
 use crate::secret::rfc3339;
-use crate::token::{IssuedToken, TokenError};
+use crate::token::TokenFacts;
 
 /// Condition types.
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
 
-/// Condition reasons: each names what a user can act on.
-pub mod reason {
-    pub const TOKEN_VALID: &str = "TokenValid";
-    pub const TOKEN_EXPIRED: &str = "TokenExpired";
-    pub const ISSUING: &str = "Issuing";
-    pub const REFRESH_SUCCEEDED: &str = "RefreshSucceeded";
-    pub const SECRET_CONFLICT: &str = "SecretConflict";
-    pub const CLIENT_SECRET_NOT_FOUND: &str = "ClientSecretNotFound";
-    pub const CLIENT_SECRET_KEY_MISSING: &str = "ClientSecretKeyMissing";
-    pub const INVALID_CLIENT_CREDENTIALS: &str = "InvalidClientCredentials";
-    pub const SERVICE_ACCOUNTS_DISABLED: &str = "ServiceAccountsDisabled";
-    pub const INVALID_SCOPE: &str = "InvalidScope";
-    pub const REALM_NOT_FOUND: &str = "RealmNotFound";
-    pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
-    pub const KEYCLOAK_UNAVAILABLE: &str = "KeycloakUnavailable";
-    pub const TLS_ERROR: &str = "TLSError";
-    pub const UNEXPECTED_REDIRECT: &str = "UnexpectedRedirect";
-    pub const INVALID_TOKEN_RESPONSE: &str = "InvalidTokenResponse";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const SERVER_NOT_ALLOWED: &str = "ServerNotAllowed";
-    pub const INVALID_CA_BUNDLE: &str = "InvalidCABundle";
-    pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
-}
-
-/// The condition reason for a failed token request.
-pub fn reason_for(e: &TokenError) -> &'static str {
-    match e {
-        TokenError::Connect { .. } | TokenError::Timeout { .. } | TokenError::ServerError { .. } => {
-            reason::KEYCLOAK_UNAVAILABLE
-        }
-        TokenError::Tls { .. } => reason::TLS_ERROR,
-        TokenError::Redirect { .. } => reason::UNEXPECTED_REDIRECT,
-        TokenError::InvalidClient { .. } => reason::INVALID_CLIENT_CREDENTIALS,
-        TokenError::ServiceAccountsDisabled { .. } => reason::SERVICE_ACCOUNTS_DISABLED,
-        TokenError::InvalidScope { .. } => reason::INVALID_SCOPE,
-        TokenError::NotFound { .. } => reason::REALM_NOT_FOUND,
-        TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
-        TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => reason::INVALID_TOKEN_RESPONSE,
-        TokenError::InvalidCaBundle(_) => reason::INVALID_CA_BUNDLE,
-    }
-}
+pub use crate::failure::reason;
 
 /// What the status is built from.
 pub struct StatusInputs<'a> {
@@ -61,7 +21,7 @@ pub struct StatusInputs<'a> {
     pub generation: Option<i64>,
     pub secret_name: &'a str,
     /// The token the Secret holds now, if any.
-    pub token: Option<&'a IssuedToken>,
+    pub token: Option<&'a TokenFacts>,
     pub plan: Option<RenewPlan>,
     pub conflict: bool,
     pub failure: Option<&'a Failure>,
@@ -184,7 +144,7 @@ pub fn find<'a>(status: &'a RegistryAccessStatus, type_: &str) -> Option<&'a Con
 mod tests {
     use super::*;
     use crate::schedule::plan_renewal;
-    use crate::secret::tests::token;
+    use crate::secret::tests::{facts as token, token as full_token};
     use secrecy::ExposeSecret;
 
     const T0: i64 = 1_700_000_000;
@@ -193,7 +153,7 @@ mod tests {
         Timestamp::from_second(T0 + s).unwrap()
     }
 
-    fn inputs<'a>(now: i64, token: Option<&'a IssuedToken>, failure: Option<&'a Failure>) -> StatusInputs<'a> {
+    fn inputs<'a>(now: i64, token: Option<&'a TokenFacts>, failure: Option<&'a Failure>) -> StatusInputs<'a> {
         StatusInputs {
             now: at(now),
             generation: Some(3),
@@ -324,9 +284,10 @@ mod tests {
 
     #[test]
     fn status_never_contains_the_token() {
-        let t = token(T0, T0 + 300);
+        let full = full_token(T0, T0 + 300);
+        let t = full.facts();
         let s = build(&inputs(10, Some(&t), None));
         let json = serde_json::to_string(&s).unwrap();
-        assert!(!json.contains(t.access_token.expose_secret()));
+        assert!(!json.contains(full.access_token.expose_secret()));
     }
 }

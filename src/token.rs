@@ -50,6 +50,27 @@ pub struct IssuedToken {
     pub realm_roles: Vec<String>,
 }
 
+/// What the operator keeps of a token without the token itself: enough to plan its renewal and
+/// report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFacts {
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub scope: Option<String>,
+    pub realm_roles: Vec<String>,
+}
+
+impl IssuedToken {
+    pub fn facts(&self) -> TokenFacts {
+        TokenFacts {
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+            scope: self.scope.clone(),
+            realm_roles: self.realm_roles.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for IssuedToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IssuedToken")
@@ -72,7 +93,9 @@ pub enum TokenError {
     #[error("no answer from {url} within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("Keycloak answered {status} at {url}")]
-    ServerError { url: String, status: u16 },
+    ServerError { url: String, status: u16, retry_after: Option<Duration> },
+    #[error("Keycloak is rate limiting token requests (429 at {url}){}", after(.retry_after))]
+    RateLimited { url: String, retry_after: Option<Duration> },
     #[error(
         "Keycloak answered {status} with a redirect to {location:?}; redirects are not followed for token requests"
     )]
@@ -95,6 +118,10 @@ pub enum TokenError {
     InvalidCaBundle(String),
 }
 
+fn after(retry_after: &Option<Duration>) -> String {
+    retry_after.map(|d| format!("; it asked to wait {}s", d.as_secs())).unwrap_or_default()
+}
+
 fn describe(description: &Option<String>) -> String {
     description.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
 }
@@ -102,7 +129,18 @@ fn describe(description: &Option<String>) -> String {
 impl TokenError {
     /// True when the cause is likely to go away by itself (the server is down or busy).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Connect { .. } | Self::Timeout { .. } | Self::ServerError { .. })
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Timeout { .. } | Self::ServerError { .. } | Self::RateLimited { .. }
+        )
+    }
+
+    /// How long the server asked to wait before the next request (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::ServerError { retry_after, .. } | Self::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }
 
@@ -194,6 +232,11 @@ impl TokenClient {
         let status = response.status();
         let location =
             response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, Timestamp::now()));
         let body = read_limited(response).await.map_err(|e| match e {
             ReadError::TooLarge => TokenError::ResponseTooLarge,
             ReadError::Http(e) => self.send_error(&url, e),
@@ -201,7 +244,7 @@ impl TokenClient {
         if status.is_success() {
             return parse_success(&body, now);
         }
-        Err(classify_failure(status, &url, &body, location))
+        Err(classify_failure(status, &url, &body, location, retry_after))
     }
 
     fn send_error(&self, url: &str, e: reqwest::Error) -> TokenError {
@@ -288,6 +331,9 @@ struct RawTokenResponse {
 
 /// Turns a 2xx token response body into an [`IssuedToken`].
 pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenError> {
+    // Whole seconds, as the Secret records them: the renewal planned now is the one planned after
+    // reading the Secret back (and the expiry errs early by less than a second).
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let invalid = |m: &str| TokenError::InvalidResponse(m.to_owned());
     let raw: RawTokenResponse = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -363,13 +409,22 @@ struct OAuthError {
 }
 
 /// Names the failure of a non-2xx token response.
-pub fn classify_failure(status: StatusCode, url: &str, body: &[u8], location: Option<String>) -> TokenError {
+pub fn classify_failure(
+    status: StatusCode,
+    url: &str,
+    body: &[u8],
+    location: Option<String>,
+    retry_after: Option<Duration>,
+) -> TokenError {
     let code = status.as_u16();
     if status.is_redirection() {
         return TokenError::Redirect { status: code, location };
     }
     if status.is_server_error() {
-        return TokenError::ServerError { url: url.to_owned(), status: code };
+        return TokenError::ServerError { url: url.to_owned(), status: code, retry_after };
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return TokenError::RateLimited { url: url.to_owned(), retry_after };
     }
     let parsed: OAuthError = serde_json::from_slice(body).unwrap_or_default();
     let error = parsed.error.map(|e| sanitize(&e)).unwrap_or_else(|| "no OAuth2 error code".to_owned());
@@ -386,6 +441,23 @@ pub fn classify_failure(status: StatusCode, url: &str, body: &[u8], location: Op
         (400, "invalid_scope") => TokenError::InvalidScope { status: code, error, description },
         _ => TokenError::Rejected { status: code, error, description },
     }
+}
+
+/// Longest `Retry-After` honoured: a server asking for more is asked again after this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Reads a `Retry-After` header: a number of seconds or an HTTP date (RFC 9110 10.2.3), at most
+/// [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+            Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Keeps an error text from Keycloak short and printable.
@@ -511,7 +583,7 @@ mod tests {
     #[test]
     fn classifies_keycloak_errors() {
         let c = |status: u16, body: &str| {
-            classify_failure(StatusCode::from_u16(status).unwrap(), "u", body.as_bytes(), None)
+            classify_failure(StatusCode::from_u16(status).unwrap(), "u", body.as_bytes(), None, None)
         };
         assert!(matches!(
             c(401, r#"{"error":"invalid_client","error_description":"Invalid client or Invalid client credentials"}"#),
@@ -535,10 +607,42 @@ mod tests {
     }
 
     #[test]
+    fn a_429_is_rate_limiting_and_keeps_retry_after() {
+        let wait = Some(Duration::from_secs(30));
+        let e = classify_failure(StatusCode::TOO_MANY_REQUESTS, "u", b"{}", None, wait);
+        assert!(matches!(e, TokenError::RateLimited { .. }), "{e:?}");
+        assert!(e.is_transient());
+        assert_eq!(e.retry_after(), wait);
+        assert!(e.to_string().contains("wait 30s"), "{e}");
+        let e = classify_failure(StatusCode::SERVICE_UNAVAILABLE, "u", b"", None, wait);
+        assert_eq!(e.retry_after(), wait);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_is_capped() {
+        let now: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Mon, 30 Nov 2026 10:01:30 GMT", now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after("Mon, 30 Nov 2026 09:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn issued_times_are_whole_seconds() {
+        let now: Timestamp = "2026-11-30T10:00:00.750Z".parse().unwrap();
+        let t = parse_success(br#"{"access_token": "a.b.c", "expires_in": 300}"#, now).unwrap();
+        assert_eq!(t.issued_at, "2026-11-30T10:00:00Z".parse::<Timestamp>().unwrap());
+        assert_eq!(t.expires_at, "2026-11-30T10:05:00Z".parse::<Timestamp>().unwrap());
+    }
+
+    #[test]
     fn keycloak_descriptions_are_cut_and_stripped() {
         let long = "x".repeat(1000);
         let body = serde_json::json!({"error": "invalid_client", "error_description": format!("a\u{7}b{long}")});
-        let err = classify_failure(StatusCode::UNAUTHORIZED, "u", body.to_string().as_bytes(), None);
+        let err = classify_failure(StatusCode::UNAUTHORIZED, "u", body.to_string().as_bytes(), None, None);
         let TokenError::InvalidClient { description: Some(d), .. } = &err else { panic!("{err:?}") };
         assert!(d.starts_with("abx") && d.chars().count() == MAX_DESCRIPTION_CHARS);
     }

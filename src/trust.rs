@@ -5,9 +5,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
 use crate::api::{CaBundleKind, RegistryAccess};
-use crate::controller::Error;
-use crate::credentials::Problem;
-use crate::status::reason;
+use crate::failure::{Error, Problem, reason};
 use crate::token;
 
 /// The extra CA bundle of `ra`: inline, or read from its ConfigMap or Secret. A missing object or
@@ -18,7 +16,7 @@ pub async fn read_ca_bundle(
     namespace: &str,
 ) -> Result<Result<Option<String>, Problem>, Error> {
     let Some(tls) = &ra.spec.tls else { return Ok(Ok(None)) };
-    let problem = |message: String| Problem { reason: reason::INVALID_CA_BUNDLE, message, transient: false };
+    let problem = |message: String| Problem::fix(reason::INVALID_CA_BUNDLE, message);
     let pem = match (&tls.ca_bundle, &tls.ca_bundle_ref) {
         (Some(pem), _) => pem.clone(),
         (None, None) => return Ok(Ok(None)),

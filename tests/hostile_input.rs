@@ -106,7 +106,7 @@ fn check_token_response(body: &[u8]) {
 
 fn check_failure(status: u16, body: &[u8]) {
     let status = StatusCode::from_u16(status).unwrap();
-    let e = classify_failure(status, "https://kc.example.com/token", body, None);
+    let e = classify_failure(status, "https://kc.example.com/token", body, None, None);
     let text = e.to_string();
     assert!(text.len() < 2048, "an error message of {} bytes", text.len());
 }

@@ -1,0 +1,38 @@
+//! Stage 3 of a reconcile, writes only: the token Secret and the status, each with server-side
+//! apply under the operator's one field manager. Every call has the API client's time limit.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{RegistryAccess, RegistryAccessStatus};
+use crate::failure::Error;
+use crate::reconcile::Context;
+use crate::secret::MANAGER;
+
+/// Applies the token Secret; returns its new resourceVersion.
+pub async fn token_secret(ctx: &Context, ra: &RegistryAccess, desired: &Secret) -> Result<String, Error> {
+    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.token_secret_name());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let written = api
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(desired))
+        .await
+        .map_err(|source| Error::ApplySecret { namespace, name, source })?;
+    Ok(written.resource_version().unwrap_or_default())
+}
+
+/// Applies the status.
+pub async fn status(ctx: &Context, ra: &RegistryAccess, status: &RegistryAccessStatus) -> Result<(), Error> {
+    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.name_any());
+    let api: Api<RegistryAccess> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": RegistryAccess::api_version(&()),
+        "kind": RegistryAccess::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::ApplyStatus { namespace, name, source })?;
+    Ok(())
+}

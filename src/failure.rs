@@ -1,0 +1,133 @@
+//! The one failure vocabulary: every way a refresh can fail as the condition reason a user sees,
+//! a message saying what to fix, and whether it passes by itself; and the Kubernetes API errors
+//! that end a reconcile early.
+
+use std::time::Duration;
+
+use crate::token::TokenError;
+
+/// Condition reasons: each names what a user can act on.
+pub mod reason {
+    pub const TOKEN_VALID: &str = "TokenValid";
+    pub const TOKEN_EXPIRED: &str = "TokenExpired";
+    pub const ISSUING: &str = "Issuing";
+    pub const REFRESH_SUCCEEDED: &str = "RefreshSucceeded";
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    pub const CLIENT_SECRET_NOT_FOUND: &str = "ClientSecretNotFound";
+    pub const CLIENT_SECRET_KEY_MISSING: &str = "ClientSecretKeyMissing";
+    pub const INVALID_CLIENT_CREDENTIALS: &str = "InvalidClientCredentials";
+    pub const SERVICE_ACCOUNTS_DISABLED: &str = "ServiceAccountsDisabled";
+    pub const INVALID_SCOPE: &str = "InvalidScope";
+    pub const REALM_NOT_FOUND: &str = "RealmNotFound";
+    pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
+    pub const KEYCLOAK_UNAVAILABLE: &str = "KeycloakUnavailable";
+    pub const RATE_LIMITED: &str = "RateLimited";
+    pub const TLS_ERROR: &str = "TLSError";
+    pub const UNEXPECTED_REDIRECT: &str = "UnexpectedRedirect";
+    pub const INVALID_TOKEN_RESPONSE: &str = "InvalidTokenResponse";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SERVER_NOT_ALLOWED: &str = "ServerNotAllowed";
+    pub const INVALID_CA_BUNDLE: &str = "InvalidCABundle";
+    pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
+}
+
+/// Why no token could be had, as the user sees it; the message never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The condition reason, a name from [`reason`].
+    pub reason: &'static str,
+    /// What went wrong and what to fix.
+    pub message: String,
+    /// Likely to go away by itself (Keycloak down, busy or rate limiting).
+    pub transient: bool,
+    /// How long the server asked us to wait before asking again (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl Problem {
+    /// A problem someone has to fix (a wrong spec, a missing Secret).
+    pub fn fix(reason: &'static str, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into(), transient: false, retry_after: None }
+    }
+
+    /// A problem that is likely to pass by itself.
+    pub fn transient(reason: &'static str, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into(), transient: true, retry_after: None }
+    }
+}
+
+impl From<&TokenError> for Problem {
+    fn from(e: &TokenError) -> Self {
+        Self {
+            reason: reason_for(e),
+            message: e.to_string(),
+            transient: e.is_transient(),
+            retry_after: e.retry_after(),
+        }
+    }
+}
+
+/// The condition reason for a failed token request.
+pub fn reason_for(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Connect { .. } | TokenError::Timeout { .. } | TokenError::ServerError { .. } => {
+            reason::KEYCLOAK_UNAVAILABLE
+        }
+        TokenError::RateLimited { .. } => reason::RATE_LIMITED,
+        TokenError::Tls { .. } => reason::TLS_ERROR,
+        TokenError::Redirect { .. } => reason::UNEXPECTED_REDIRECT,
+        TokenError::InvalidClient { .. } => reason::INVALID_CLIENT_CREDENTIALS,
+        TokenError::ServiceAccountsDisabled { .. } => reason::SERVICE_ACCOUNTS_DISABLED,
+        TokenError::InvalidScope { .. } => reason::INVALID_SCOPE,
+        TokenError::NotFound { .. } => reason::REALM_NOT_FOUND,
+        TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
+        TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => reason::INVALID_TOKEN_RESPONSE,
+        TokenError::InvalidCaBundle(_) => reason::INVALID_CA_BUNDLE,
+    }
+}
+
+/// Why a reconcile stopped at the Kubernetes API. Token request failures are not errors here:
+/// they are [`Problem`]s and end in a condition.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading token Secret {namespace}/{name}: {source}")]
+    ReadTokenSecret { namespace: String, name: String, source: kube::Error },
+    #[error("reading client Secret {namespace}/{name}: {source}")]
+    ReadClientSecret { namespace: String, name: String, source: kube::Error },
+    #[error("reading the CA bundle {kind} {namespace}/{name}: {source}")]
+    ReadCaBundle { kind: &'static str, namespace: String, name: String, source: kube::Error },
+    #[error("writing token Secret {namespace}/{name}: {source}")]
+    ApplySecret { namespace: String, name: String, source: kube::Error },
+    #[error("writing status of RegistryAccess {namespace}/{name}: {source}")]
+    ApplyStatus { namespace: String, name: String, source: kube::Error },
+}
+
+impl Error {
+    /// The stage that failed, as the `kind` label of the reconcile error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ReadTokenSecret { .. } => "read_token_secret",
+            Self::ReadClientSecret { .. } => "read_client_secret",
+            Self::ReadCaBundle { .. } => "read_ca_bundle",
+            Self::ApplySecret { .. } => "apply_secret",
+            Self::ApplyStatus { .. } => "apply_status",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keycloak_outages_and_rate_limits_are_transient_and_keep_retry_after() {
+        let down = Problem::from(&TokenError::Connect { url: "u".into(), cause: "refused".into() });
+        assert_eq!((down.reason, down.transient), (reason::KEYCLOAK_UNAVAILABLE, true));
+        let limited =
+            Problem::from(&TokenError::RateLimited { url: "u".into(), retry_after: Some(Duration::from_secs(30)) });
+        assert_eq!((limited.reason, limited.transient), (reason::RATE_LIMITED, true));
+        assert_eq!(limited.retry_after, Some(Duration::from_secs(30)));
+        let wrong = Problem::from(&TokenError::InvalidClient { status: 401, error: "x".into(), description: None });
+        assert_eq!((wrong.reason, wrong.transient), (reason::INVALID_CLIENT_CREDENTIALS, false));
+    }
+}

@@ -1,0 +1,209 @@
+//! Keyed indexes kept by the watches: which objects name a Secret (as client Secret or token
+//! Secret), and the uid and resourceVersion of every Secret seen. A Secret event finds its objects
+//! without a scan, and a reconcile knows a Secret's version without reading it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+
+/// A namespaced name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self { namespace: namespace.to_owned(), name: name.to_owned() }
+    }
+}
+
+/// How an object uses a Secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// It reads the client secret from it.
+    Client,
+    /// It writes its token to it.
+    Token,
+}
+
+/// An object that names a Secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Referrer {
+    pub object: Key,
+    pub uid: String,
+    pub role: Role,
+}
+
+/// What the watch says of a Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretMeta {
+    pub uid: String,
+    pub resource_version: String,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_secret: HashMap<Key, Vec<Referrer>>,
+    of_object: HashMap<Key, Vec<(Key, Role)>>,
+    secrets: HashMap<Key, SecretMeta>,
+    /// Secrets seen so far in a re-list, per watched scope (a namespace, or all).
+    relisting: HashMap<Option<String>, HashSet<Key>>,
+}
+
+/// Both indexes.
+#[derive(Default)]
+pub struct Index {
+    inner: RwLock<Inner>,
+}
+
+fn in_scope(scope: &Option<String>, key: &Key) -> bool {
+    scope.as_deref().is_none_or(|ns| ns == key.namespace)
+}
+
+impl Index {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records which Secrets an object names, replacing what it named before.
+    pub fn set_object(&self, object: Key, uid: &str, secrets: &[(String, Role)]) {
+        let mut inner = self.write();
+        Self::unlink(&mut inner, &object);
+        let links: Vec<(Key, Role)> =
+            secrets.iter().map(|(name, role)| (Key::new(&object.namespace, name), *role)).collect();
+        for (secret, role) in &links {
+            inner.by_secret.entry(secret.clone()).or_default().push(Referrer {
+                object: object.clone(),
+                uid: uid.to_owned(),
+                role: *role,
+            });
+        }
+        inner.of_object.insert(object, links);
+    }
+
+    pub fn remove_object(&self, object: &Key) {
+        Self::unlink(&mut self.write(), object);
+    }
+
+    fn unlink(inner: &mut Inner, object: &Key) {
+        for (secret, _) in inner.of_object.remove(object).unwrap_or_default() {
+            if let Some(refs) = inner.by_secret.get_mut(&secret) {
+                refs.retain(|r| &r.object != object);
+                if refs.is_empty() {
+                    inner.by_secret.remove(&secret);
+                }
+            }
+        }
+    }
+
+    /// The objects that name a Secret.
+    pub fn referrers(&self, secret: &Key) -> Vec<Referrer> {
+        self.read().by_secret.get(secret).cloned().unwrap_or_default()
+    }
+
+    /// What the watch last said of a Secret; `None` when it has not seen it (yet).
+    pub fn secret(&self, secret: &Key) -> Option<SecretMeta> {
+        self.read().secrets.get(secret).cloned()
+    }
+
+    /// Records a Secret the watch saw; true when it is new or its version changed.
+    pub fn secret_applied(&self, secret: Key, meta: SecretMeta) -> bool {
+        let mut inner = self.write();
+        for (scope, seen) in inner.relisting.iter_mut() {
+            if in_scope(scope, &secret) {
+                seen.insert(secret.clone());
+            }
+        }
+        inner.secrets.insert(secret, meta.clone()) != Some(meta)
+    }
+
+    /// Forgets a deleted Secret; true when it was known.
+    pub fn secret_deleted(&self, secret: &Key) -> bool {
+        self.write().secrets.remove(secret).is_some()
+    }
+
+    /// A watch of `scope` starts listing again.
+    pub fn relist_begin(&self, scope: Option<String>) {
+        self.write().relisting.insert(scope, HashSet::new());
+    }
+
+    /// A watch of `scope` finished listing: Secrets of the scope it did not list are gone.
+    /// Returns them.
+    pub fn relist_end(&self, scope: &Option<String>) -> Vec<Key> {
+        let mut inner = self.write();
+        let Some(seen) = inner.relisting.remove(scope) else { return Vec::new() };
+        let gone: Vec<Key> =
+            inner.secrets.keys().filter(|k| in_scope(scope, k) && !seen.contains(*k)).cloned().collect();
+        for k in &gone {
+            inner.secrets.remove(k);
+        }
+        gone
+    }
+
+    /// Secrets known.
+    pub fn secrets(&self) -> usize {
+        self.read().secrets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(rv: &str) -> SecretMeta {
+        SecretMeta { uid: "u".into(), resource_version: rv.into() }
+    }
+
+    #[test]
+    fn finds_the_objects_that_name_a_secret_and_follows_spec_changes() {
+        let ix = Index::default();
+        let a = Key::new("ns", "a");
+        ix.set_object(a.clone(), "uid-a", &[("creds".into(), Role::Client), ("a-token".into(), Role::Token)]);
+        ix.set_object(Key::new("ns", "b"), "uid-b", &[("creds".into(), Role::Client), ("b-token".into(), Role::Token)]);
+        ix.set_object(
+            Key::new("other", "c"),
+            "uid-c",
+            &[("creds".into(), Role::Client), ("c-token".into(), Role::Token)],
+        );
+        let refs = ix.referrers(&Key::new("ns", "creds"));
+        assert_eq!(refs.len(), 2, "{refs:?}");
+        assert_eq!(ix.referrers(&Key::new("ns", "a-token"))[0].role, Role::Token);
+        ix.set_object(a.clone(), "uid-a", &[("rotated".into(), Role::Client), ("a-token".into(), Role::Token)]);
+        assert_eq!(ix.referrers(&Key::new("ns", "creds")).len(), 1);
+        assert_eq!(ix.referrers(&Key::new("ns", "rotated"))[0].uid, "uid-a");
+        ix.remove_object(&a);
+        assert!(ix.referrers(&Key::new("ns", "a-token")).is_empty());
+        assert!(ix.referrers(&Key::new("ns", "rotated")).is_empty());
+    }
+
+    #[test]
+    fn secret_versions_change_once_and_deletions_are_noticed() {
+        let ix = Index::default();
+        let k = Key::new("ns", "creds");
+        assert!(ix.secret_applied(k.clone(), meta("1")));
+        assert!(!ix.secret_applied(k.clone(), meta("1")), "the same version again is no change");
+        assert!(ix.secret_applied(k.clone(), meta("2")));
+        assert_eq!(ix.secret(&k).unwrap().resource_version, "2");
+        assert!(ix.secret_deleted(&k));
+        assert!(ix.secret(&k).is_none());
+    }
+
+    #[test]
+    fn a_relist_prunes_what_was_deleted_while_the_watch_was_away() {
+        let ix = Index::default();
+        for (ns, name) in [("a", "kept"), ("a", "gone"), ("b", "other")] {
+            ix.secret_applied(Key::new(ns, name), meta("1"));
+        }
+        ix.relist_begin(Some("a".into()));
+        ix.secret_applied(Key::new("a", "kept"), meta("1"));
+        let gone = ix.relist_end(&Some("a".into()));
+        assert_eq!(gone, vec![Key::new("a", "gone")]);
+        assert!(ix.secret(&Key::new("b", "other")).is_some(), "another scope is untouched");
+        assert_eq!(ix.secrets(), 2);
+    }
+}

@@ -1,0 +1,147 @@
+//! Stage 1 of a reconcile, reads only: the token Secret (from memory while the watch shows it
+//! unchanged since the operator wrote or checked it), the client Secret's identity (from the
+//! watch), and, only for a request about to be queued, the client secret itself and the CA bundle.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt};
+
+use crate::api::RegistryAccess;
+use crate::credentials;
+use crate::failure::{Error, Problem, reason};
+use crate::index::Key;
+use crate::issuer::OwnedRequest;
+use crate::policy;
+use crate::reconcile::Context;
+use crate::secret::{self, Observed};
+use crate::token;
+use crate::trust;
+
+/// What the token Secret holds.
+pub struct TokenSecret {
+    pub observed: Observed,
+    /// The Secret as read, when it had to be read (changed since the operator last saw it).
+    pub live: Option<Secret>,
+}
+
+/// Reads the token Secret, or says what it holds from memory when the watch shows the version
+/// the operator last wrote or checked and the spec did not change since.
+pub async fn token_secret(ra: &RegistryAccess, ctx: &Context) -> Result<TokenSecret, Error> {
+    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.token_secret_name());
+    let uid = ra.uid().unwrap_or_default();
+    if let Some(known) = ctx.states.known(&uid)
+        && known.generation == ra.metadata.generation
+        && ctx
+            .index
+            .secret(&Key::new(&namespace, &name))
+            .is_some_and(|meta| meta.resource_version == known.resource_version)
+    {
+        return Ok(TokenSecret { observed: Observed::Held(known.held), live: None });
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let live = api.get_opt(&name).await.map_err(|source| Error::ReadTokenSecret { namespace, name, source })?;
+    let observed = secret::observe(ra, live.as_ref());
+    if !matches!(observed, Observed::Held(_)) {
+        ctx.states.set_known(&uid, None);
+    }
+    Ok(TokenSecret { observed, live })
+}
+
+/// The client Secret as far as the decision needs it.
+pub enum ClientSecret {
+    /// It exists: its identity, and the Secret itself when it had to be read.
+    Found {
+        uid: String,
+        resource_version: String,
+        read: Option<Box<Secret>>,
+    },
+    Missing,
+}
+
+impl ClientSecret {
+    /// The digest of the request inputs, when the client Secret exists.
+    pub fn inputs(&self, ra: &RegistryAccess) -> Option<String> {
+        match self {
+            Self::Found { uid, resource_version, .. } => Some(credentials::inputs_digest(ra, uid, resource_version)),
+            Self::Missing => None,
+        }
+    }
+}
+
+/// The client Secret's identity from the watch; read only when the watch has not seen it.
+pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientSecret, Error> {
+    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.spec.client_secret_ref.name.clone());
+    if let Some(meta) = ctx.index.secret(&Key::new(&namespace, &name)) {
+        return Ok(ClientSecret::Found { uid: meta.uid, resource_version: meta.resource_version, read: None });
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let read = api.get_opt(&name).await.map_err(|source| Error::ReadClientSecret { namespace, name, source })?;
+    Ok(match read {
+        Some(s) => ClientSecret::Found {
+            uid: s.metadata.uid.clone().unwrap_or_default(),
+            resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
+            read: Some(Box::new(s)),
+        },
+        None => ClientSecret::Missing,
+    })
+}
+
+/// A problem the spec alone shows before any request: a server outside the allow-list.
+pub fn spec_problem(ra: &RegistryAccess, allowed_servers: &[String]) -> Option<Problem> {
+    (!policy::server_allowed(&ra.spec.server, allowed_servers)).then(|| {
+        Problem::fix(
+            reason::SERVER_NOT_ALLOWED,
+            format!(
+                "spec.server {} is not among the Keycloak servers this operator may use ({}); no request was sent",
+                ra.spec.server,
+                allowed_servers.join(", ")
+            ),
+        )
+    })
+}
+
+/// Everything a token request needs: the client secret (read now), the token URL and the CA
+/// bundle. The request inputs returned are those of the client Secret actually read.
+pub async fn request(
+    ra: &RegistryAccess,
+    ctx: &Context,
+    client: ClientSecret,
+) -> Result<Result<(OwnedRequest, String), Problem>, Error> {
+    if let Some(problem) = spec_problem(ra, &ctx.allowed_servers) {
+        return Ok(Err(problem));
+    }
+    let token_url = match token::token_url(&ra.spec.server, &ra.spec.realm) {
+        Ok(url) => url,
+        Err(message) => return Ok(Err(Problem::fix(reason::INVALID_SPEC, message))),
+    };
+    let namespace = ra.namespace().unwrap_or_default();
+    let secret = match client {
+        ClientSecret::Missing => None,
+        ClientSecret::Found { read: Some(s), .. } => Some(*s),
+        ClientSecret::Found { read: None, .. } => {
+            let name = ra.spec.client_secret_ref.name.clone();
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+            api.get_opt(&name).await.map_err(|source| Error::ReadClientSecret {
+                namespace: namespace.clone(),
+                name,
+                source,
+            })?
+        }
+    };
+    let credentials = match credentials::extract(ra, secret.as_ref()) {
+        Ok(c) => c,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace).await? {
+        Ok(pem) => pem,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let request = OwnedRequest {
+        token_url,
+        client_id: ra.spec.client_id.clone(),
+        client_secret: credentials.client_secret,
+        auth_method: ra.spec.client_auth_method,
+        scopes: ra.spec.scopes.clone(),
+        ca_bundle,
+    };
+    Ok(Ok((request, credentials.inputs)))
+}

@@ -1,0 +1,324 @@
+//! The reconcile of one RegistryAccess, as its four stages: read what the object refers to
+//! ([`read`]), decide (pure, [`decide`]), apply the writes ([`apply`]), report ([`report`]).
+//! Token requests are queued with the [`Issuer`] and their outcome comes back as another
+//! reconcile, so a reconcile only ever waits for the Kubernetes API.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::api::{Guarded, RegistryAccess};
+use crate::decide::{self, Decision, Inputs};
+use crate::failure::{Error, Problem, reason};
+use crate::index::{Index, Key};
+use crate::issuer::{Issuer, Job};
+use crate::metrics::Metrics;
+use crate::read::{self, ClientSecret};
+use crate::secret::{self, HeldToken, MANAGER, Observed};
+use crate::state::{Completed, Known, States};
+use crate::status::{self, StatusInputs};
+use crate::{apply, report};
+
+/// A conflicting Secret is looked at again at least this often (its deletion also triggers).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
+/// While a request is queued or in flight, the object is looked at this often anyway (its outcome
+/// triggers a reconcile at once; this only bounds the wait if that were lost).
+const PENDING_RECHECK: Duration = Duration::from_secs(60);
+
+/// Handles shared by all reconciles.
+pub struct Context {
+    /// The client for reconciles: every call has a time limit.
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    pub states: Arc<States>,
+    pub index: Arc<Index>,
+    pub issuer: Arc<Issuer>,
+    pub recorder: Recorder,
+    pub allowed_servers: Vec<String>,
+    undecodable: Mutex<HashSet<Key>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        states: Arc<States>,
+        issuer: Arc<Issuer>,
+        allowed_servers: Vec<String>,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter { controller: MANAGER.to_owned(), instance };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            states,
+            index: Arc::new(Index::default()),
+            issuer,
+            allowed_servers,
+            undecodable: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Marks an object as (not) decodable, for the `undecodable_objects` metric.
+    pub fn set_undecodable(&self, key: Key, undecodable: bool) {
+        let mut set = self.undecodable.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if undecodable { set.insert(key) } else { set.remove(&key) };
+        if changed {
+            self.metrics.set_undecodable(set.len());
+        }
+    }
+
+    /// Forgets everything about a deleted object.
+    pub fn forget(&self, key: &Key, uid: Option<&str>) {
+        self.index.remove_object(key);
+        self.metrics.forget_object(&key.namespace, &key.name);
+        self.set_undecodable(key.clone(), false);
+        if let Some(uid) = uid {
+            self.states.forget(uid);
+            self.issuer.cancel(uid);
+        }
+    }
+}
+
+/// Reconciles one RegistryAccess.
+pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let meta = obj.meta();
+    let key = Key::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+    let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name);
+    let start = std::time::Instant::now();
+    let result = match &obj.0 {
+        Ok(ra) => {
+            ctx.set_undecodable(key, false);
+            reconcile_object(ra, &ctx).instrument(span).await
+        }
+        Err(invalid) => Ok(report::undecodable(&ctx, key, invalid)),
+    };
+    ctx.metrics.reconciled(start.elapsed(), result.as_ref().err().map(Error::kind));
+    if result.is_ok() {
+        ctx.states.api_succeeded(meta.uid.as_deref().unwrap_or_default());
+    }
+    result
+}
+
+/// What the reconcile did about the token.
+enum Step {
+    /// The target Secret belongs to someone else.
+    Conflict,
+    /// Nothing to request: keep the token held (if any) until `until`.
+    Keep { until: Timestamp },
+    /// A request is queued or in flight.
+    Pending,
+    /// A request ended (or could not be made): what follows it.
+    Attempted { after: decide::AfterAttempt, issued: bool },
+}
+
+async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, Error> {
+    if ra.metadata.deletion_timestamp.is_some() {
+        // The token Secret goes with its owner through garbage collection.
+        return Ok(Action::await_change());
+    }
+    let uid = ra.uid().unwrap_or_default();
+    let secret_name = ra.token_secret_name();
+
+    // 1. Read what the object refers to.
+    let token = read::token_secret(ra, ctx).await?;
+    let client = read::client_secret(ra, ctx).await?;
+    let inputs = client.inputs(ra);
+    let client_missing = matches!(client, ClientSecret::Missing);
+
+    // 2. Decide.
+    let now = Timestamp::now();
+    let failure = ctx.states.failure(&uid);
+    let renew_before = ra.spec.renew_before.filter(|d| !d.is_negative()).map(Duration::from);
+    let decision_inputs = Inputs {
+        now,
+        observed: &token.observed,
+        inputs: inputs.as_deref(),
+        renew_before,
+        failure: failure.as_ref(),
+        jitter_seed: &uid,
+    };
+    let decision = decide::decide(decision_inputs);
+    debug!(?decision, "decided");
+
+    // 3. Apply.
+    let step = match decision {
+        Decision::Conflict => {
+            warn!(secret = %secret_name, "token Secret exists and is not owned by this RegistryAccess; leaving it untouched");
+            ctx.states.set_known(&uid, None);
+            Step::Conflict
+        }
+        Decision::Wait { until } => {
+            keep(ra, ctx, &token).await?;
+            Step::Keep { until }
+        }
+        Decision::Fetch(why) => {
+            // A token kept from a failed write that is due by now is dropped: a new one is asked.
+            let completed =
+                inputs.as_deref().and_then(|i| ctx.states.take_completed(&uid, i)).filter(|c| match &c.result {
+                    Err(_) => true,
+                    Ok(t) => decide::plan_for(&t.facts(), renew_before, &uid).renew_at > now,
+                });
+            match completed {
+                Some(done) => store(ra, ctx, &decision_inputs, done).await?,
+                None if inputs.as_deref().is_some_and(|i| ctx.states.pending(&uid, i)) => Step::Pending,
+                None => match read::request(ra, ctx, client).await? {
+                    Ok((request, inputs)) => {
+                        debug!(reason = why.as_str(), "token request queued");
+                        let job = Job {
+                            object: ObjectRef::new(&ra.name_any()).within(&ra.namespace().unwrap_or_default()),
+                            uid: uid.clone(),
+                            inputs,
+                            request,
+                            due_at: decide::due_at(&decision_inputs, why),
+                        };
+                        ctx.issuer.submit(&ra.namespace().unwrap_or_default(), job);
+                        Step::Pending
+                    }
+                    Err(problem) => failed(ctx, &decision_inputs, &uid, &problem),
+                },
+            }
+        }
+    };
+
+    // 4. Report.
+    let held = match &step {
+        Step::Attempted { after, .. } => after.held.clone(),
+        _ => match &token.observed {
+            Observed::Held(h) => Some(h.token.clone()),
+            _ => None,
+        },
+    };
+    let failure = match &step {
+        Step::Attempted { after, .. } => after.failure.clone(),
+        _ => failure,
+    };
+    // A failure recorded for other inputs is stale: the next attempt uses the current ones. While
+    // that attempt is on its way, the last failure stands, so that the status moves once, when the
+    // outcome is known.
+    let failure = if matches!(step, Step::Pending) { failure } else { failure.filter(|f| f.inputs == inputs) };
+    let conflict = matches!(step, Step::Conflict);
+    let upcoming = match read::spec_problem(ra, &ctx.allowed_servers) {
+        Some(problem) => Some(problem),
+        None if client_missing => Some(crate::credentials::not_found(ra)),
+        None => None,
+    };
+    let plan = held.as_ref().map(|t| decide::plan_for(t, renew_before, &uid));
+    let status = status::build(&StatusInputs {
+        now,
+        generation: ra.metadata.generation,
+        secret_name: &secret_name,
+        token: held.as_ref(),
+        plan,
+        conflict,
+        failure: failure.as_ref(),
+        upcoming: upcoming.as_ref().map(|p| (p.reason, p.message.as_str())),
+        previous: ra.status.as_ref(),
+    });
+    let ready = held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict;
+    let issued = matches!(step, Step::Attempted { issued: true, .. });
+    let expires_at = held.as_ref().map(|t| t.expires_at.as_second());
+    report::object(ctx, ra, report::Report { status: &status, issued, expires_at, ready }).await?;
+
+    // Look again at the next renewal or retry; a token that expires meanwhile is reported.
+    let next = match step {
+        Step::Conflict => now + signed(CONFLICT_RECHECK),
+        Step::Keep { until } => until,
+        Step::Pending => now + signed(PENDING_RECHECK),
+        Step::Attempted { after, .. } => after.next,
+    };
+    let next = match held.as_ref().map(|t| t.expires_at) {
+        Some(e) if e > now => next.min(e),
+        _ => next,
+    };
+    let wait = Duration::try_from(next.duration_since(now)).unwrap_or(Duration::ZERO);
+    debug!(requeue_after_secs = wait.as_secs(), "next look");
+    Ok(Action::requeue(wait.max(Duration::from_millis(100))))
+}
+
+/// Nothing to request: restores the token Secret if someone changed what the operator set, and
+/// remembers its version so that later reconciles need not read it.
+async fn keep(ra: &RegistryAccess, ctx: &Context, token: &read::TokenSecret) -> Result<(), Error> {
+    let (Some(live), Observed::Held(held)) = (&token.live, &token.observed) else { return Ok(()) };
+    let Some((full, inputs)) = secret::read_token(live) else { return Ok(()) };
+    let desired = secret::build(ra, &full, inputs.as_deref().unwrap_or_default());
+    let resource_version = if secret::needs_apply(&desired, live) {
+        info!(secret = %ra.token_secret_name(), "restoring token Secret");
+        apply::token_secret(ctx, ra, &desired).await?
+    } else {
+        live.metadata.resource_version.clone().unwrap_or_default()
+    };
+    let known = Known { resource_version, generation: ra.metadata.generation, held: held.clone() };
+    ctx.states.set_known(&ra.uid().unwrap_or_default(), Some(known));
+    Ok(())
+}
+
+/// Writes the outcome of a finished request.
+async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Completed) -> Result<Step, Error> {
+    let uid = i.jitter_seed;
+    let token = match done.result {
+        Err(problem) => return Ok(failed(ctx, i, uid, &problem)),
+        Ok(token) => token,
+    };
+    let desired = secret::build(ra, &token, &done.inputs);
+    match apply::token_secret(ctx, ra, &desired).await {
+        Ok(resource_version) => {
+            let facts = token.facts();
+            info!(
+                secret = %ra.token_secret_name(),
+                expires_at = %secret::rfc3339(facts.expires_at),
+                "token refreshed"
+            );
+            let held = HeldToken { token: facts.clone(), inputs: Some(done.inputs) };
+            let known = Known { resource_version, generation: ra.metadata.generation, held };
+            ctx.states.set_known(uid, Some(known));
+            let after = decide::after_attempt(i, Ok(&facts), 0.0);
+            ctx.states.set_failure(uid, None);
+            Ok(Step::Attempted { after, issued: true })
+        }
+        Err(e) => {
+            // A token that cannot be stored is a failure like any other: it gets a reason and a
+            // retry, the previous token stays, and the new one is written on the next try.
+            let problem = Problem::transient(reason::SECRET_WRITE_FAILED, e.to_string());
+            ctx.states.keep_completed(uid, Completed { inputs: done.inputs, result: Ok(token) });
+            Ok(failed(ctx, i, uid, &problem))
+        }
+    }
+}
+
+/// Records a failed attempt and says what follows.
+fn failed(ctx: &Context, i: &Inputs<'_>, uid: &str, problem: &Problem) -> Step {
+    let after = decide::after_attempt(i, Err(problem), rand::random::<f64>());
+    if let Some(f) = &after.failure {
+        warn!(
+            reason = f.reason,
+            message = %f.message,
+            attempts = f.attempts,
+            retry_at = %secret::rfc3339(f.retry_at),
+            "refresh failed"
+        );
+    }
+    ctx.states.set_failure(uid, after.failure.clone());
+    Step::Attempted { after, issued: false }
+}
+
+/// Kubernetes API errors: retried with a backoff of the object's own, so that an object the API
+/// keeps refusing does not take turns from the others.
+pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    let wait = ctx.states.api_failed(&uid, rand::random::<f64>());
+    warn!(error = %error, retry_in_secs = wait.as_secs_f64(), "reconcile failed at the Kubernetes API; retrying");
+    Action::requeue(wait)
+}
+
+fn signed(d: Duration) -> jiff::SignedDuration {
+    jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::ZERO)
+}
