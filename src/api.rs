@@ -324,6 +324,24 @@ mod tests {
     }
 
     #[test]
+    fn an_object_of_another_schema_decodes_as_its_metadata() {
+        let stored = serde_json::json!({
+            "apiVersion": "registry-access.io/v1alpha1", "kind": "RegistryAccess",
+            "metadata": {"name": "drifted", "namespace": "billing", "uid": "u-1"},
+            "spec": {"server": 42, "realm": ["not", "a", "string"]},
+        });
+        let guarded: Guarded = serde_json::from_value(stored).unwrap();
+        let invalid = guarded.0.unwrap_err();
+        assert_eq!(invalid.metadata.name.as_deref(), Some("drifted"));
+        assert_eq!(invalid.metadata.uid.as_deref(), Some("u-1"));
+        let good = serde_json::json!({
+            "apiVersion": "registry-access.io/v1alpha1", "kind": "RegistryAccess",
+            "metadata": {"name": "fine", "namespace": "billing"}, "spec": spec(),
+        });
+        assert!(serde_json::from_value::<Guarded>(good).unwrap().0.is_ok());
+    }
+
+    #[test]
     fn crd_carries_validation_and_columns() {
         let crd = serde_json::to_string(&RegistryAccess::crd()).unwrap();
         for needle in ["isURL(self)", "duration(self)", "\"ra\"", "Expires", "x-kubernetes-list-map-keys", URL_PATTERN]
