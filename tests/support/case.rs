@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::ListParams;
@@ -71,6 +72,18 @@ impl Case {
         k8s::apply_ra(&self.client, &self.ns, name, spec).await
     }
 
+    /// Creates many RegistryAccess objects (name, spec) in the case's namespace, 16 at a time;
+    /// returns when all exist.
+    pub async fn ra_many(&self, objects: Vec<(String, Value)>) -> Result<()> {
+        futures::stream::iter(objects)
+            .map(|(name, spec)| async move { self.ra(&name, spec).await })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// The spec of a RegistryAccess for `client_id` against `kc`, client secret in Secret `creds`.
     pub fn spec(&self, kc: &Keycloak, client_id: &str, creds: &str) -> Value {
         json!({
@@ -100,12 +113,20 @@ impl Case {
     }
 
     /// Ends the case: the operator is still running, and nothing sensitive leaked.
-    pub async fn finish(mut self) -> Result<()> {
+    pub async fn finish(self) -> Result<()> {
+        self.finish_with_namespaces(&[]).await
+    }
+
+    /// [`Case::finish`] for an operator that also watched `others`: their statuses, Events and
+    /// Secrets are checked as well.
+    pub async fn finish_with_namespaces(mut self, others: &[&str]) -> Result<()> {
         self.operator.check_alive()?;
         self.operator.stop();
         let logs = self.operator.logs();
         let sensitive = self.sensitive.lock().unwrap().clone();
-        assert_nothing_leaked(&self.client, &self.ns, &logs, &sensitive).await?;
+        for ns in std::iter::once(self.ns.as_str()).chain(others.iter().copied()) {
+            assert_nothing_leaked(&self.client, ns, &logs, &sensitive).await?;
+        }
         if !logs.contains("token refreshed")
             && !logs.contains("refresh failed")
             && !logs.contains("leaving it untouched")
@@ -188,6 +209,51 @@ where
     }
     eprintln!("[e2e] {what} after {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The RegistryAccess objects of `ns` by name, each with whether it is Ready=True.
+pub async fn readiness(client: &Client, ns: &str) -> Result<std::collections::BTreeMap<String, bool>> {
+    let ras: Api<RegistryAccess> = Api::namespaced(client.clone(), ns);
+    Ok(ras
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|r| {
+            let ready = r.status.as_ref().and_then(|s| k8s::condition(s, "Ready")).is_some_and(|c| c.0 == "True");
+            (r.metadata.name.unwrap_or_default(), ready)
+        })
+        .collect())
+}
+
+/// How many RegistryAccess objects of `ns` are Ready=True.
+pub async fn ready_count(client: &Client, ns: &str) -> Result<usize> {
+    Ok(readiness(client, ns).await?.values().filter(|r| **r).count())
+}
+
+/// Waits until every one of the objects `names` of `ns` is Ready=True; returns how long it took.
+/// On timeout, the error names those still not Ready.
+pub async fn wait_all_ready(client: &Client, ns: &str, names: &[String], timeout: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let now = readiness(client, ns).await?;
+        let waiting: Vec<&str> =
+            names.iter().filter(|n| now.get(n.as_str()) != Some(&true)).map(String::as_str).collect();
+        if waiting.is_empty() {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > timeout {
+            let shown = waiting.iter().take(10).copied().collect::<Vec<_>>().join(", ");
+            let more = if waiting.len() > 10 { ", ..." } else { "" };
+            return Err(format!(
+                "only {} of {} objects of {ns} Ready after {timeout:?}; not Ready: {shown}{more}",
+                names.len() - waiting.len(),
+                names.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Scrapes /metrics until `pred` holds for the text.

@@ -85,6 +85,11 @@ impl Operator {
         }
     }
 
+    /// The process id while it runs (for /proc readings such as CPU time and memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
+    }
+
     /// Everything the operator logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
