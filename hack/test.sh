@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, unit tests, the
-# token-client tests, fuzzing, and the end-to-end, faults and chart suites on a real control plane
+# token-client tests, fuzzing, and the end-to-end, faults, isolation and chart suites on a real control plane
 # and Keycloak. Prints each phase's duration and, last, one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,7 +29,7 @@ phase "cargo fmt --check" cargo fmt --all -- --check
 phase "cargo clippy" cargo clippy --all-targets --locked -- -D warnings
 phase "cargo build --release (as the Dockerfile does)" cargo build --release --locked --bin registry-access-operator
 phase "container image checks" bash hack/check-image.sh
-phase "cargo test (unit, CRD drift, token client, fuzzing, end-to-end, faults, Helm chart)" cargo test --all-targets --locked
+phase "cargo test (unit, CRD drift, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" cargo test --all-targets --locked
 
 passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')

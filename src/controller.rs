@@ -27,6 +27,8 @@ use crate::scopes;
 use crate::state::States;
 use crate::token::{self, TokenClient};
 
+/// The annotation where `kubectl apply` keeps a copy of the object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// How often readiness looks whether the watches have synced.
 const READY_POLL: Duration = Duration::from_millis(250);
 
@@ -111,8 +113,15 @@ async fn run_controller(watch_client: Client, client: Client, config: &RunConfig
                 None => Api::all(watch_client.clone()),
             };
             watcher(api)
-                // Managed fields are not needed and are the bulk of a stored object.
-                .modify(|o: &mut Guarded| o.meta_mut().managed_fields = None)
+                // Managed fields and kubectl's copy of the last applied object are not needed and
+                // are the bulk of a stored object.
+                .modify(|o: &mut Guarded| {
+                    let meta = o.meta_mut();
+                    meta.managed_fields = None;
+                    if let Some(a) = meta.annotations.as_mut() {
+                        a.remove(LAST_APPLIED);
+                    }
+                })
                 .boxed()
         })
         .collect();

@@ -1,7 +1,13 @@
 //! Which Kubernetes Events the operator writes: only what a user must notice (first token,
 //! refresh failing, recovered, expired, conflict), never one per routine refresh.
 
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
 use crate::api::RegistryAccessStatus;
+use crate::secret::MANAGER;
 use crate::status::{DEGRADED, READY, find, reason};
 
 /// Severity of an Event.
@@ -72,6 +78,36 @@ pub fn notices(previous: Option<&RegistryAccessStatus>, next: &RegistryAccessSta
     out
 }
 
+/// The `events.k8s.io/v1` Event of a notice about `regarding`, written by `instance` at `now`.
+///
+/// Notices are already one per transition, so each is created once: no series and no cache of
+/// past Events (kube's `Recorder` keeps every Event for six minutes and scans them all on each
+/// publish, which costs memory and time when thousands of objects get their first token).
+pub fn event(notice: &Notice, regarding: &ObjectReference, instance: &str, now: Timestamp) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            namespace: regarding.namespace.clone(),
+            name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or(MANAGER), now.as_nanosecond())),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(now)),
+        action: Some("RefreshToken".to_owned()),
+        reason: Some(notice.reason.clone()),
+        note: Some(notice.note.clone()),
+        type_: Some(
+            match notice.severity {
+                Severity::Normal => "Normal",
+                Severity::Warning => "Warning",
+            }
+            .to_owned(),
+        ),
+        regarding: Some(regarding.clone()),
+        reporting_controller: Some(MANAGER.to_owned()),
+        reporting_instance: Some(instance.to_owned()),
+        ..Event::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +167,26 @@ mod tests {
         let conflict = status(("False", "SecretConflict"), ("True", "SecretConflict"), false);
         assert_eq!(reasons(notices(None, &conflict, false)), ["SecretConflict"]);
         assert!(notices(Some(&conflict), &conflict, false).is_empty());
+    }
+
+    #[test]
+    fn an_event_names_its_object_reporter_and_reason() {
+        let notice = Notice { severity: Severity::Warning, reason: "KeycloakUnavailable".into(), note: "down".into() };
+        let regarding = ObjectReference {
+            kind: Some("RegistryAccess".into()),
+            namespace: Some("billing".into()),
+            name: Some("consent-02".into()),
+            ..ObjectReference::default()
+        };
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let e = event(&notice, &regarding, "pod-1", now);
+        assert_eq!(e.metadata.namespace.as_deref(), Some("billing"));
+        assert!(e.metadata.name.as_deref().unwrap().starts_with("consent-02."));
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.reason.as_deref(), Some("KeycloakUnavailable"));
+        assert_eq!(e.reporting_controller.as_deref(), Some(MANAGER));
+        assert_eq!(e.reporting_instance.as_deref(), Some("pod-1"));
+        assert_eq!(e.regarding, Some(regarding));
+        assert!(e.series.is_none());
     }
 }

@@ -18,6 +18,12 @@ use registry_access_operator::telemetry::{self, LogFormat};
 use registry_access_operator::token;
 use std::sync::Arc;
 
+/// mimalloc returns freed memory to the system soon after it is freed; with the C library's
+/// allocator the transient peaks of start-up (listing thousands of objects, decoding their watch
+/// events) stay in the process's resident memory for good.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Keeps a fresh Keycloak access token in a Secret for every RegistryAccess")]
 struct Cli {

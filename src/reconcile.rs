@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -31,6 +30,8 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
 /// While a request is queued or in flight, the object is looked at this often anyway (its outcome
 /// triggers a reconcile at once; this only bounds the wait if that were lost).
 const PENDING_RECHECK: Duration = Duration::from_secs(60);
+/// A request queued this long ago without an outcome shows in the status (`Issuing`).
+const QUEUED_FIRST_LOOK: Duration = Duration::from_secs(5);
 
 /// Handles shared by all reconciles.
 pub struct Context {
@@ -40,7 +41,8 @@ pub struct Context {
     pub states: Arc<States>,
     pub index: Arc<Index>,
     pub issuer: Arc<Issuer>,
-    pub recorder: Recorder,
+    /// This operator instance's name in Events (the pod name in a cluster).
+    pub instance: String,
     pub allowed_servers: Vec<String>,
     undecodable: Mutex<HashSet<Key>>,
 }
@@ -54,9 +56,8 @@ impl Context {
         allowed_servers: Vec<String>,
         instance: Option<String>,
     ) -> Self {
-        let reporter = Reporter { controller: MANAGER.to_owned(), instance };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            instance: instance.unwrap_or_else(|| MANAGER.to_owned()),
             client,
             metrics,
             states,
@@ -114,8 +115,8 @@ enum Step {
     Conflict,
     /// Nothing to request: keep the token held (if any) until `until`.
     Keep { until: Timestamp },
-    /// A request is queued or in flight.
-    Pending,
+    /// A request is queued or in flight; `now` when it was queued by this reconcile.
+    Pending { now: bool },
     /// A request ended (or could not be made): what follows it.
     Attempted { after: decide::AfterAttempt, issued: bool },
 }
@@ -169,7 +170,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
                 });
             match completed {
                 Some(done) => store(ra, ctx, &decision_inputs, done).await?,
-                None if inputs.as_deref().is_some_and(|i| ctx.states.pending(&uid, i)) => Step::Pending,
+                None if inputs.as_deref().is_some_and(|i| ctx.states.pending(&uid, i)) => Step::Pending { now: false },
                 None => match read::request(ra, ctx, client).await? {
                     Ok((request, inputs)) => {
                         debug!(reason = why.as_str(), "token request queued");
@@ -181,7 +182,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
                             due_at: decide::due_at(&decision_inputs, why),
                         };
                         ctx.issuer.submit(&ra.namespace().unwrap_or_default(), job);
-                        Step::Pending
+                        Step::Pending { now: true }
                     }
                     Err(problem) => failed(ctx, &decision_inputs, &uid, &problem),
                 },
@@ -204,7 +205,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     // A failure recorded for other inputs is stale: the next attempt uses the current ones. While
     // that attempt is on its way, the last failure stands, so that the status moves once, when the
     // outcome is known.
-    let failure = if matches!(step, Step::Pending) { failure } else { failure.filter(|f| f.inputs == inputs) };
+    let failure = if matches!(step, Step::Pending { .. }) { failure } else { failure.filter(|f| f.inputs == inputs) };
     let conflict = matches!(step, Step::Conflict);
     let upcoming = match read::spec_problem(ra, &ctx.allowed_servers) {
         Some(problem) => Some(problem),
@@ -226,13 +227,15 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     let ready = held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict;
     let issued = matches!(step, Step::Attempted { issued: true, .. });
     let expires_at = held.as_ref().map(|t| t.expires_at.as_second());
-    report::object(ctx, ra, report::Report { status: &status, issued, expires_at, ready }).await?;
+    let write_status = !matches!(step, Step::Pending { now: true });
+    report::object(ctx, ra, report::Report { status: &status, write_status, issued, expires_at, ready }).await?;
 
     // Look again at the next renewal or retry; a token that expires meanwhile is reported.
     let next = match step {
         Step::Conflict => now + signed(CONFLICT_RECHECK),
         Step::Keep { until } => until,
-        Step::Pending => now + signed(PENDING_RECHECK),
+        Step::Pending { now: true } => now + signed(QUEUED_FIRST_LOOK),
+        Step::Pending { now: false } => now + signed(PENDING_RECHECK),
         Step::Attempted { after, .. } => after.next,
     };
     let next = match held.as_ref().map(|t| t.expires_at) {

@@ -1,15 +1,15 @@
 //! Stage 4 of a reconcile: the status (written only when it changed), the object's metrics, and
 //! the Events its change calls for; and the report of an object that cannot be decoded.
 
-use kube::Resource;
+use kube::api::PostParams;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::{Api, Resource};
 use tracing::warn;
 
 use crate::api::{RegistryAccess, RegistryAccessStatus};
 use crate::apply;
-use crate::events::{self, Severity};
+use crate::events;
 use crate::failure::Error;
 use crate::index::Key;
 use crate::reconcile::Context;
@@ -17,6 +17,9 @@ use crate::reconcile::Context;
 /// What a reconcile found, for the report.
 pub struct Report<'a> {
     pub status: &'a RegistryAccessStatus,
+    /// False right after a request was queued: its outcome follows in moments, and the status is
+    /// written once, then.
+    pub write_status: bool,
     /// A new token was written.
     pub issued: bool,
     /// Unix time the held token expires.
@@ -24,31 +27,43 @@ pub struct Report<'a> {
     pub ready: bool,
 }
 
-/// Writes the status when it changed, the object's metrics and the Events of the change.
+/// Writes the status when it changed, the object's metrics, and the Events of the change (which
+/// go with the status write: a status not written announces nothing).
 pub async fn object(ctx: &Context, ra: &RegistryAccess, r: Report<'_>) -> Result<(), Error> {
     let key =
         Key::new(ra.meta().namespace.as_deref().unwrap_or_default(), ra.meta().name.as_deref().unwrap_or_default());
-    if ra.status.as_ref() != Some(r.status) {
-        apply::status(ctx, ra, r.status).await?;
-    }
     ctx.metrics.set_object(&key.namespace, &key.name, r.expires_at, r.ready);
-    let reference = ra.object_ref(&());
-    for notice in events::notices(ra.status.as_ref(), r.status, r.issued) {
-        let event = KubeEvent {
-            type_: match notice.severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
-            },
-            reason: notice.reason,
-            note: Some(notice.note),
-            action: "RefreshToken".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "cannot write an Event");
+    if !r.write_status || ra.status.as_ref() == Some(r.status) {
+        return Ok(());
+    }
+    // The object read may predate the operator's last status write (the watch has not brought it
+    // back yet): the same status is not written, nor announced, twice.
+    let uid = ra.meta().uid.as_deref().unwrap_or_default();
+    let digest = digest(r.status);
+    if ctx.states.status_written(uid) == Some(digest) {
+        return Ok(());
+    }
+    apply::status(ctx, ra, r.status).await?;
+    ctx.states.set_status_written(uid, digest);
+    let notices = events::notices(ra.status.as_ref(), r.status, r.issued);
+    if !notices.is_empty() {
+        let reference = ra.object_ref(&());
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(ctx.client.clone(), &key.namespace);
+        for notice in &notices {
+            let event = events::event(notice, &reference, &ctx.instance, jiff::Timestamp::now());
+            if let Err(e) = api.create(&PostParams::default(), &event).await {
+                warn!(error = %e, "cannot write an Event");
+            }
         }
     }
     Ok(())
+}
+
+fn digest(status: &RegistryAccessStatus) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(status).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// An object stored in a form this operator cannot read (another version of the CRD): logged,

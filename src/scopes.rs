@@ -31,7 +31,10 @@ pub struct Merger<K> {
     live: bool,
     /// Before that, objects deleted after they were listed (to delete after the fill).
     deleted_early: HashMap<Key, K>,
-    listed_early: HashMap<Key, K>,
+    /// Objects that vanished in a re-listing before the fill: deleted, read back from the store,
+    /// with the first event after it (the store is filled by then). Only keys are kept, so the
+    /// first listing holds no second copy of every object.
+    vanished_early: Vec<Key>,
 }
 
 impl<K: Resource + Clone> Merger<K> {
@@ -43,12 +46,25 @@ impl<K: Resource + Clone> Merger<K> {
             synced: HashSet::new(),
             live: false,
             deleted_early: HashMap::new(),
-            listed_early: HashMap::new(),
+            vanished_early: Vec::new(),
         }
     }
 
     /// The store events for one event of scope `i`; `stored` finds an object in the store.
     pub fn step(&mut self, i: usize, event: Event<K>, stored: impl Fn(&Key) -> Option<K>) -> Vec<Event<K>> {
+        let mut out = Vec::new();
+        if self.live && !self.vanished_early.is_empty() {
+            let still_gone: Vec<Key> = std::mem::take(&mut self.vanished_early)
+                .into_iter()
+                .filter(|k| !self.known.iter().any(|known| known.contains(k)))
+                .collect();
+            out.extend(still_gone.iter().filter_map(&stored).map(Event::Delete));
+        }
+        out.extend(self.event(i, event, stored));
+        out
+    }
+
+    fn event(&mut self, i: usize, event: Event<K>, stored: impl Fn(&Key) -> Option<K>) -> Vec<Event<K>> {
         match event {
             Event::Init => {
                 self.listing[i] = Some(HashSet::new());
@@ -64,7 +80,6 @@ impl<K: Resource + Clone> Merger<K> {
                     vec![Event::Apply(obj)]
                 } else {
                     self.deleted_early.remove(&k);
-                    self.listed_early.insert(k, obj.clone());
                     vec![Event::InitApply(obj)]
                 }
             }
@@ -74,7 +89,6 @@ impl<K: Resource + Clone> Merger<K> {
                 if self.live {
                     vec![Event::Delete(obj)]
                 } else {
-                    self.listed_early.remove(&k);
                     self.deleted_early.insert(k, obj);
                     Vec::new()
                 }
@@ -87,14 +101,13 @@ impl<K: Resource + Clone> Merger<K> {
                     self.known[i].remove(&k);
                     if self.live {
                         out.extend(stored(&k).map(Event::Delete));
-                    } else if let Some(obj) = self.listed_early.remove(&k) {
-                        self.deleted_early.insert(k, obj);
+                    } else {
+                        self.vanished_early.push(k);
                     }
                 }
                 self.synced.insert(i);
                 if !self.live && self.synced.len() == self.scopes {
                     self.live = true;
-                    self.listed_early.clear();
                     out.push(Event::InitDone);
                     out.extend(self.deleted_early.drain().map(|(_, obj)| Event::Delete(obj)));
                 }
@@ -182,6 +195,23 @@ mod tests {
         out.extend(m.step(1, Event::Init, none));
         out.extend(m.step(1, Event::InitDone, none));
         assert_eq!(names(&out), ["list short-lived", "done", "delete short-lived"]);
+    }
+
+    #[test]
+    fn an_object_gone_from_an_early_relisting_is_deleted_once_the_store_is_filled() {
+        let mut m = Merger::new(2);
+        let stored = |k: &Key| Some(obj(&k.namespace, &k.name));
+        m.step(0, Event::Init, stored);
+        m.step(0, Event::InitApply(obj("a", "gone")), stored);
+        m.step(0, Event::InitDone, stored);
+        // Scope 0 lists again before scope 1 finished its first listing.
+        m.step(0, Event::Init, stored);
+        m.step(0, Event::InitDone, stored);
+        m.step(1, Event::Init, stored);
+        let fill = m.step(1, Event::InitDone, stored);
+        assert_eq!(names(&fill), ["done"]);
+        let next = m.step(1, Event::Apply(obj("b", "new")), stored);
+        assert_eq!(names(&next), ["delete gone", "apply new"]);
     }
 
     #[test]

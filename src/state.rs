@@ -37,6 +37,8 @@ struct ObjectState {
     completed: Option<Completed>,
     known: Option<Known>,
     api_failures: u32,
+    /// Digest of the status last written: the watch may not have brought it back yet.
+    status: Option<u64>,
 }
 
 impl ObjectState {
@@ -46,6 +48,7 @@ impl ObjectState {
             && self.completed.is_none()
             && self.known.is_none()
             && self.api_failures == 0
+            && self.status.is_none()
     }
 }
 
@@ -127,6 +130,15 @@ impl States {
     /// the watch event of the operator's own write.
     pub fn is_known_version(&self, uid: &str, resource_version: &str) -> bool {
         self.read(uid, |s| s.known.as_ref().is_some_and(|k| k.resource_version == resource_version)).unwrap_or(false)
+    }
+
+    /// Digest of the status last written for the object.
+    pub fn status_written(&self, uid: &str) -> Option<u64> {
+        self.read(uid, |s| s.status).flatten()
+    }
+
+    pub fn set_status_written(&self, uid: &str, digest: u64) {
+        self.with(uid, |s| s.status = Some(digest));
     }
 
     /// Counts a Kubernetes API error and returns how long to wait before trying again; `jitter`
