@@ -1,5 +1,5 @@
 # The project's commands. `make demo` and `make test` are the two a newcomer needs.
-.PHONY: demo test tools crds manifests build fmt lint
+.PHONY: demo test bench tools crds manifests build fmt lint
 
 # A local demo: real kube-apiserver, etcd, kube-controller-manager and Keycloak, the CRD, the
 # operator and examples/, showing tokens being refreshed until Ctrl-C.
@@ -10,6 +10,14 @@ demo: tools
 # Every test: formatting, lints, CRD drift, unit, token-client and end-to-end tests.
 test:
 	bash hack/test.sh
+
+# The benchmark (not part of `make test`): Keycloak's bare grant rate, a bare grant-and-write loop
+# and the release operator (first issuance, routine refresh cost, idle writes, restart, memory) on
+# the end-to-end environment. BENCH_N (default 1000), BENCH_K (10), BENCH_WINDOW (60 s), BENCH_OUT
+# (target/bench/bench.json); see examples/bench.rs. Prints a table; writes the JSON report.
+bench: tools
+	cargo build --release --locked --bin registry-access-operator --example bench
+	cargo run --release --locked --example bench
 
 # Build or fetch the end-to-end tools into .cache (seconds once cached).
 tools:

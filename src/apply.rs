@@ -1,5 +1,5 @@
 //! Stage 3 of a reconcile, writes only: the token Secret and the status, each with server-side
-//! apply under the operator's one field manager. Every call has the API client's time limit.
+//! apply under the operator's one field manager, each within the API time limit.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
@@ -7,7 +7,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{RegistryAccess, RegistryAccessStatus};
-use crate::failure::Error;
+use crate::failure::{Error, within};
 use crate::reconcile::Context;
 use crate::secret::MANAGER;
 
@@ -15,10 +15,10 @@ use crate::secret::MANAGER;
 pub async fn token_secret(ctx: &Context, ra: &RegistryAccess, desired: &Secret) -> Result<String, Error> {
     let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.token_secret_name());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let written = api
-        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(desired))
-        .await
-        .map_err(|source| Error::ApplySecret { namespace, name, source })?;
+    let written =
+        within(ctx.api_timeout, api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(desired)))
+            .await
+            .map_err(|source| Error::ApplySecret { namespace, name, source })?;
     Ok(written.resource_version().unwrap_or_default())
 }
 
@@ -31,7 +31,7 @@ pub async fn status(ctx: &Context, ra: &RegistryAccess, status: &RegistryAccessS
         "kind": RegistryAccess::kind(&()),
         "status": status,
     });
-    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+    within(ctx.api_timeout, api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)))
         .await
         .map_err(|source| Error::ApplyStatus { namespace, name, source })?;
     Ok(())

@@ -29,6 +29,8 @@ use crate::token::{self, TokenClient};
 
 /// The annotation where `kubectl apply` keeps a copy of the object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// Objects per page when a watch lists (kube's default is 500: about 1.5 MB of RegistryAccess JSON).
+const LIST_PAGE_SIZE: u32 = 100;
 /// How often readiness looks whether the watches have synced.
 const READY_POLL: Duration = Duration::from_millis(250);
 
@@ -45,6 +47,8 @@ pub struct RunConfig {
     /// Keycloak servers objects may use (URL prefixes); any when empty.
     pub allowed_servers: Vec<String>,
     pub limits: QueueConfig,
+    /// Time limit of each Kubernetes API call of a reconcile.
+    pub api_timeout: Duration,
     pub metrics: Arc<Metrics>,
     /// Name of this operator instance in Events (the pod name in a cluster).
     pub instance: Option<String>,
@@ -62,18 +66,15 @@ pub enum RunError {
 }
 
 /// Runs the operator until a termination signal arrives; with leader election, only while this
-/// replica holds the Lease. `watch_client` serves the watches (long-lived requests), `client`
-/// every other call (each with a time limit).
-pub async fn run(watch_client: Client, client: Client, config: RunConfig) -> Result<(), RunError> {
+/// replica holds the Lease.
+pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let tokens = TokenClient::new(config.token_client.clone()).map_err(RunError::TokenClient)?;
     match config.leader.clone() {
-        None => run_controller(watch_client, client, &config, tokens).await,
+        None => run_controller(client, &config, tokens).await,
         Some(leader) => {
             // A standby replica is healthy and ready: it is waiting for the Lease by design.
             config.readiness.set_ready();
-            let lease_client = client.clone();
-            leader::run_as_leader(lease_client, &leader, || run_controller(watch_client, client, &config, tokens))
-                .await?;
+            leader::run_as_leader(client.clone(), &leader, || run_controller(client, &config, tokens)).await?;
         }
     }
     Ok(())
@@ -82,7 +83,7 @@ pub async fn run(watch_client: Client, client: Client, config: RunConfig) -> Res
 type Scope = Option<String>;
 
 /// Runs the controller until a termination signal arrives.
-async fn run_controller(watch_client: Client, client: Client, config: &RunConfig, tokens: TokenClient) {
+async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient) {
     let scopes: Vec<Scope> =
         if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     info!(
@@ -94,7 +95,8 @@ async fn run_controller(watch_client: Client, client: Client, config: &RunConfig
     let states = Arc::new(States::default());
     let (issuer, finished) = Issuer::new(config.limits, tokens, config.metrics.clone(), states.clone());
     let ctx = Arc::new(Context::new(
-        client,
+        client.clone(),
+        config.api_timeout,
         config.metrics.clone(),
         states,
         issuer.clone(),
@@ -109,8 +111,8 @@ async fn run_controller(watch_client: Client, client: Client, config: &RunConfig
         .iter()
         .map(|scope| {
             let api: Api<Guarded> = match scope {
-                Some(ns) => Api::namespaced(watch_client.clone(), ns),
-                None => Api::all(watch_client.clone()),
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
             };
             watcher(api)
                 // Managed fields and kubectl's copy of the last applied object are not needed and
@@ -143,14 +145,11 @@ async fn run_controller(watch_client: Client, client: Client, config: &RunConfig
     let secret_ctx = ctx.clone();
     let secret_events = stream::select_all(scopes.iter().map(|scope| {
         let api: Api<PartialObjectMeta<Secret>> = match scope {
-            Some(ns) => Api::namespaced(watch_client.clone(), ns),
-            None => Api::all(watch_client.clone()),
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
         };
         let scope = scope.clone();
-        watcher::watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .map(move |e| (scope.clone(), e))
-            .boxed()
+        watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
     }))
     .flat_map(move |(scope, event)| stream::iter(secret_triggers(&secret_ctx, &scope, event)));
     let finished = stream::unfold(finished, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
@@ -190,7 +189,13 @@ async fn run_controller(watch_client: Client, client: Client, config: &RunConfig
 
 /// The watch of one scope's RegistryAccess objects.
 fn watcher(api: Api<Guarded>) -> impl futures::Stream<Item = Result<Event<Guarded>, watcher::Error>> {
-    watcher::watcher(api, watcher::Config::default().any_semantic()).default_backoff()
+    watcher::watcher(api, list_config()).default_backoff()
+}
+
+/// Watches list from the API server's cache, in pages small enough that listing thousands of
+/// objects never holds a large response in memory at once.
+fn list_config() -> watcher::Config {
+    watcher::Config::default().any_semantic().page_size(LIST_PAGE_SIZE)
 }
 
 fn key_of<K: Resource>(obj: &K) -> Key {

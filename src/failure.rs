@@ -102,6 +102,19 @@ pub enum Error {
     ApplyStatus { namespace: String, name: String, source: kube::Error },
 }
 
+/// Runs one Kubernetes API call with a time limit: a connection that stops answering fails the
+/// call after `limit` instead of holding its reconcile slot. (A read timeout on the client would
+/// also close idle pooled connections, and every call would pay a new TLS handshake.)
+pub async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(format!("no answer from the Kubernetes API within {limit:?}").into())),
+    }
+}
+
 impl Error {
     /// The stage that failed, as the `kind` label of the reconcile error metric.
     pub fn kind(&self) -> &'static str {

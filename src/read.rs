@@ -7,7 +7,7 @@ use kube::{Api, ResourceExt};
 
 use crate::api::RegistryAccess;
 use crate::credentials;
-use crate::failure::{Error, Problem, reason};
+use crate::failure::{Error, Problem, reason, within};
 use crate::index::Key;
 use crate::issuer::OwnedRequest;
 use crate::policy;
@@ -38,7 +38,11 @@ pub async fn token_secret(ra: &RegistryAccess, ctx: &Context) -> Result<TokenSec
         return Ok(TokenSecret { observed: Observed::Held(known.held), live: None });
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let live = api.get_opt(&name).await.map_err(|source| Error::ReadTokenSecret { namespace, name, source })?;
+    let live = within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadTokenSecret {
+        namespace,
+        name,
+        source,
+    })?;
     let observed = secret::observe(ra, live.as_ref());
     if !matches!(observed, Observed::Held(_)) {
         ctx.states.set_known(&uid, None);
@@ -74,7 +78,11 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
         return Ok(ClientSecret::Found { uid: meta.uid, resource_version: meta.resource_version, read: None });
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let read = api.get_opt(&name).await.map_err(|source| Error::ReadClientSecret { namespace, name, source })?;
+    let read = within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadClientSecret {
+        namespace,
+        name,
+        source,
+    })?;
     Ok(match read {
         Some(s) => ClientSecret::Found {
             uid: s.metadata.uid.clone().unwrap_or_default(),
@@ -120,7 +128,7 @@ pub async fn request(
         ClientSecret::Found { read: None, .. } => {
             let name = ra.spec.client_secret_ref.name.clone();
             let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-            api.get_opt(&name).await.map_err(|source| Error::ReadClientSecret {
+            within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadClientSecret {
                 namespace: namespace.clone(),
                 name,
                 source,
@@ -131,7 +139,7 @@ pub async fn request(
         Ok(c) => c,
         Err(problem) => return Ok(Err(problem)),
     };
-    let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace).await? {
+    let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace, ctx.api_timeout).await? {
         Ok(pem) => pem,
         Err(problem) => return Ok(Err(problem)),
     };

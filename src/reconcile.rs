@@ -35,8 +35,9 @@ const QUEUED_FIRST_LOOK: Duration = Duration::from_secs(5);
 
 /// Handles shared by all reconciles.
 pub struct Context {
-    /// The client for reconciles: every call has a time limit.
     pub client: Client,
+    /// Time limit of each Kubernetes API call.
+    pub api_timeout: Duration,
     pub metrics: Arc<Metrics>,
     pub states: Arc<States>,
     pub index: Arc<Index>,
@@ -50,6 +51,7 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: Client,
+        api_timeout: Duration,
         metrics: Arc<Metrics>,
         states: Arc<States>,
         issuer: Arc<Issuer>,
@@ -59,6 +61,7 @@ impl Context {
         Self {
             instance: instance.unwrap_or_else(|| MANAGER.to_owned()),
             client,
+            api_timeout,
             metrics,
             states,
             index: Arc::new(Index::default()),

@@ -33,14 +33,9 @@ pub async fn object(ctx: &Context, ra: &RegistryAccess, r: Report<'_>) -> Result
     let key =
         Key::new(ra.meta().namespace.as_deref().unwrap_or_default(), ra.meta().name.as_deref().unwrap_or_default());
     ctx.metrics.set_object(&key.namespace, &key.name, r.expires_at, r.ready);
-    if !r.write_status || ra.status.as_ref() == Some(r.status) {
-        return Ok(());
-    }
-    // The object read may predate the operator's last status write (the watch has not brought it
-    // back yet): the same status is not written, nor announced, twice.
     let uid = ra.meta().uid.as_deref().unwrap_or_default();
     let digest = digest(r.status);
-    if ctx.states.status_written(uid) == Some(digest) {
+    if !r.write_status || !status_changed(ctx.states.status_written(uid), ra.status.as_ref(), r.status, digest) {
         return Ok(());
     }
     apply::status(ctx, ra, r.status).await?;
@@ -51,12 +46,27 @@ pub async fn object(ctx: &Context, ra: &RegistryAccess, r: Report<'_>) -> Result
         let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(ctx.client.clone(), &key.namespace);
         for notice in &notices {
             let event = events::event(notice, &reference, &ctx.instance, jiff::Timestamp::now());
-            if let Err(e) = api.create(&PostParams::default(), &event).await {
+            if let Err(e) = crate::failure::within(ctx.api_timeout, api.create(&PostParams::default(), &event)).await {
                 warn!(error = %e, "cannot write an Event");
             }
         }
     }
     Ok(())
+}
+
+/// Whether `new` differs from the status the object has. The operator's own last write is the
+/// truth when there is one: the object read may predate it (the watch has not brought it back
+/// yet), in either direction. After a restart there is none, and the object read is compared.
+fn status_changed(
+    written: Option<u64>,
+    stored: Option<&RegistryAccessStatus>,
+    new: &RegistryAccessStatus,
+    digest: u64,
+) -> bool {
+    match written {
+        Some(last) => last != digest,
+        None => stored != Some(new),
+    }
 }
 
 fn digest(status: &RegistryAccessStatus) -> u64 {
@@ -77,4 +87,25 @@ pub fn undecodable(ctx: &Context, key: Key, invalid: &InvalidObject) -> Action {
     );
     ctx.set_undecodable(key, true);
     Action::await_change()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(reason: &str) -> RegistryAccessStatus {
+        RegistryAccessStatus { scope: Some(reason.to_owned()), ..RegistryAccessStatus::default() }
+    }
+
+    #[test]
+    fn the_last_write_wins_over_a_stale_read() {
+        let (old, issuing, fresh) = (status("old"), status("issuing"), status("old"));
+        // Issuing was written; the object read still shows the old status, equal to the new one.
+        assert!(status_changed(Some(digest(&issuing)), Some(&old), &fresh, digest(&fresh)));
+        // The new status was written already; a read that predates it does not write it again.
+        assert!(!status_changed(Some(digest(&fresh)), Some(&issuing), &fresh, digest(&fresh)));
+        // After a restart the object read is all there is.
+        assert!(!status_changed(None, Some(&old), &fresh, digest(&fresh)));
+        assert!(status_changed(None, Some(&issuing), &fresh, digest(&fresh)));
+    }
 }

@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
 use crate::api::{CaBundleKind, RegistryAccess};
-use crate::failure::{Error, Problem, reason};
+use crate::failure::{Error, Problem, reason, within};
 use crate::token;
 
 /// The extra CA bundle of `ra`: inline, or read from its ConfigMap or Secret. A missing object or
@@ -14,6 +14,7 @@ pub async fn read_ca_bundle(
     ra: &RegistryAccess,
     client: &Client,
     namespace: &str,
+    limit: std::time::Duration,
 ) -> Result<Result<Option<String>, Problem>, Error> {
     let Some(tls) = &ra.spec.tls else { return Ok(Ok(None)) };
     let problem = |message: String| Problem::fix(reason::INVALID_CA_BUNDLE, message);
@@ -30,14 +31,14 @@ pub async fn read_ca_bundle(
             let value = match r.kind {
                 CaBundleKind::ConfigMap => {
                     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-                    api.get_opt(&r.name)
+                    within(limit, api.get_opt(&r.name))
                         .await
                         .map_err(read_error)?
                         .map(|cm| cm.data.unwrap_or_default().get(&r.key).cloned())
                 }
                 CaBundleKind::Secret => {
                     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-                    api.get_opt(&r.name).await.map_err(read_error)?.map(|s| {
+                    within(limit, api.get_opt(&r.name)).await.map_err(read_error)?.map(|s| {
                         s.data.unwrap_or_default().get(&r.key).map(|v| String::from_utf8_lossy(&v.0).into_owned())
                     })
                 }
