@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::decide::Failure;
 use crate::failure::Problem;
@@ -32,8 +32,8 @@ pub struct Known {
 #[derive(Debug, Default)]
 struct ObjectState {
     failure: Option<Failure>,
-    /// Inputs of a request queued or in flight.
-    pending: Option<String>,
+    /// Inputs of a request queued or in flight, and when it was queued.
+    pending: Option<(String, Instant)>,
     completed: Option<Completed>,
     known: Option<Known>,
     api_failures: u32,
@@ -51,6 +51,10 @@ impl ObjectState {
             && self.status.is_none()
     }
 }
+
+/// A request queued this long ago without an outcome is queued again (the queue replaces it where
+/// it stands): longer than any wait the queue imposes (a `Retry-After` is at most 10 min).
+pub const PENDING_STALE: Duration = Duration::from_secs(900);
 
 /// First delay after a Kubernetes API error, doubled per error in a row up to [`MAX_API_BACKOFF`].
 pub const INITIAL_API_BACKOFF: Duration = Duration::from_secs(1);
@@ -87,20 +91,21 @@ impl States {
         self.with(uid, |s| s.failure = failure);
     }
 
-    /// True when a request with these inputs is queued or in flight.
+    /// True when a request with these inputs is queued or in flight (and not given up on).
     pub fn pending(&self, uid: &str, inputs: &str) -> bool {
-        self.read(uid, |s| s.pending.as_deref() == Some(inputs)).unwrap_or(false)
+        self.read(uid, |s| s.pending.as_ref().is_some_and(|(i, at)| i == inputs && at.elapsed() < PENDING_STALE))
+            .unwrap_or(false)
     }
 
     pub fn set_pending(&self, uid: &str, inputs: &str) {
-        self.with(uid, |s| s.pending = Some(inputs.to_owned()));
+        self.with(uid, |s| s.pending = Some((inputs.to_owned(), Instant::now())));
     }
 
     /// Records the outcome of a request; returns false when the object was forgotten meanwhile.
     pub fn complete(&self, uid: &str, completed: Completed) -> bool {
         let mut map = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         let Some(state) = map.get_mut(uid) else { return false };
-        if state.pending.as_deref() == Some(completed.inputs.as_str()) {
+        if state.pending.as_ref().is_some_and(|(i, _)| *i == completed.inputs) {
             state.pending = None;
         }
         state.completed = Some(completed);
