@@ -175,7 +175,11 @@ async fn lints_and_renders_for_both_scopes(env: Arc<Env>) -> Result<()> {
             assert!(kinds.contains(&"ClusterRole".to_owned()) && !kinds.contains(&"Role".to_owned()), "{kinds:?}");
         } else if values[1].starts_with("watchNamespaces") {
             assert_eq!(kinds.iter().filter(|k| *k == "Role").count(), 2, "{kinds:?}");
-            assert!(!kinds.contains(&"ClusterRole".to_owned()));
+            // The operator gets no cluster-wide permission; the only ClusterRoles are the two
+            // tenant roles aggregated into edit/admin and view, bound to no one by the chart.
+            assert!(!kinds.contains(&"ClusterRoleBinding".to_owned()), "{kinds:?}");
+            assert_eq!(kinds.iter().filter(|k| *k == "ClusterRole").count(), 2, "{kinds:?}");
+            assert!(rendered.contains("-tenant-edit") && rendered.contains("-tenant-view"));
             assert!(rendered.contains("--namespace=team-x") && rendered.contains("--namespace=team-y"));
         } else {
             assert!(kinds.contains(&"NetworkPolicy".to_owned()));
@@ -401,6 +405,95 @@ async fn leader_election_works_with_the_chart_permissions(env: Arc<Env>) -> Resu
 
 // ---- the harness ----
 
+/// Runs kubectl as a user (impersonated by the admin), with `input` on its standard input.
+fn kubectl_as_user(env: &Env, user: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new(env.tools.bin.join("kubectl"))
+        .arg(format!("--kubeconfig={}", env.cluster.kubeconfig.display()))
+        .arg(format!("--as={user}"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().ok_or("no stdin")?.write_all(input.unwrap_or_default().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(format!("kubectl {} as {user}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Users bound to the standard `edit` role manage RegistryAccess objects in their namespace, users
+/// bound to `view` only read them; nothing of it outlives the release.
+async fn tenants_use_registryaccess_through_the_standard_roles(env: Arc<Env>) -> Result<()> {
+    let (ns, app) = ("rao-tenants-system", "tenant-app");
+    let admin = env.cluster.client().await?;
+    k8s::create_namespace(&admin, app).await?;
+    for (user, role) in [("editor", "edit"), ("viewer", "view")] {
+        env.cluster.kubectl(&["create", "serviceaccount", user, "-n", app])?;
+        let (role, subject) = (format!("--clusterrole={role}"), format!("--serviceaccount={app}:{user}"));
+        env.cluster.kubectl(&["create", "rolebinding", user, "-n", app, &role, &subject])?;
+    }
+    let ra = "registryaccesses.registry-access.io";
+    let can = |user: &str, verb: &str, extra: &[&str]| {
+        let mut args = vec![verb, ra, "-n", app];
+        args.extend_from_slice(extra);
+        can_i(&env, app, user, &args)
+    };
+    assert!(!can("editor", "create", &[])?, "edit included RegistryAccess before the chart was installed");
+
+    helm(&env, &["install", "rao-tenants", &chart(), "--namespace", ns, "--create-namespace"])?;
+    // The aggregation controller merges the chart's rules into the standard roles.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !can("editor", "create", &[])? {
+        if Instant::now() > deadline {
+            return Err("edit did not come to include RegistryAccess within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for verb in ["get", "list", "watch", "create", "update", "patch", "delete"] {
+        assert!(can("editor", verb, &[])?, "edit may not {verb} RegistryAccess");
+    }
+    assert!(!can("editor", "patch", &["--subresource=status"])?, "edit may write the status");
+    for verb in ["get", "list", "watch"] {
+        assert!(can("viewer", verb, &[])?, "view may not {verb} RegistryAccess");
+    }
+    for verb in ["create", "patch", "delete"] {
+        assert!(!can("viewer", verb, &[])?, "view may {verb} RegistryAccess");
+    }
+
+    // Real requests as those users.
+    let (editor, viewer) =
+        (format!("system:serviceaccount:{app}:editor"), format!("system:serviceaccount:{app}:viewer"));
+    let object = json!({"apiVersion": "registry-access.io/v1alpha1", "kind": "RegistryAccess",
+        "metadata": {"name": "by-editor", "namespace": app},
+        "spec": {"server": "https://kc.example.com/auth", "realm": REALM, "clientId": "c", "clientSecretRef": {"name": "creds"}}});
+    kubectl_as_user(&env, &editor, &["create", "-f", "-"], Some(&object.to_string()))?;
+    kubectl_as_user(
+        &env,
+        &editor,
+        &["annotate", "registryaccess", "by-editor", "-n", app, "registry-access.io/refresh-requested-at=now"],
+        None,
+    )?;
+    let seen = kubectl_as_user(&env, &viewer, &["get", "registryaccess", "by-editor", "-n", app, "-o", "name"], None)?;
+    assert!(seen.contains("by-editor"), "{seen}");
+    let refused = kubectl_as_user(&env, &viewer, &["delete", "registryaccess", "by-editor", "-n", app], None)
+        .err()
+        .ok_or("a viewer deleted a RegistryAccess")?;
+    assert!(refused.to_string().contains("forbidden"), "{refused}");
+
+    helm(&env, &["uninstall", "rao-tenants", "--namespace", ns])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while can("editor", "create", &[])? {
+        if Instant::now() > deadline {
+            return Err("edit still includes RegistryAccess 30 s after the release was uninstalled".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
 fn main() {
     // Installs in the two scopes share the cluster: one at a time, so that a cluster-wide
     // operator never acts on another test's objects.
@@ -411,6 +504,7 @@ fn main() {
             cluster_wide_install_works_with_the_chart_permissions_only,
             namespaced_install_is_limited_to_its_namespaces,
             leader_election_works_with_the_chart_permissions,
+            tenants_use_registryaccess_through_the_standard_roles,
         ],
         1,
     )

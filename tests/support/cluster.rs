@@ -12,12 +12,13 @@ use super::Result;
 use super::pki::{self, Ca, Pair};
 use super::process::{Proc, free_port, wait_for};
 
-/// Controllers the tests need: ownerReference garbage collection, namespace deletion, and the
-/// service accounts whose tokens the chart tests use. Each runs under its own service account
+/// Controllers the tests need: ownerReference garbage collection, namespace deletion, the
+/// service accounts whose tokens the chart tests use, and the aggregation of the chart's tenant
+/// roles into `edit`, `admin` and `view`. Each runs under its own service account
 /// (--use-service-account-credentials), with the permissions the RBAC bootstrap gives it, as in
 /// a real cluster.
-const CONTROLLERS: &str =
-    "garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller";
+const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,\
+     clusterrole-aggregation-controller";
 /// Time allowed for each component to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
