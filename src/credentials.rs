@@ -5,8 +5,7 @@ use kube::ResourceExt;
 use secrecy::SecretString;
 
 use crate::api::{REFRESH_ANNOTATION, RegistryAccess};
-pub use crate::failure::Problem;
-use crate::failure::reason;
+use crate::failure::{Problem, reason};
 
 /// The client secret and the digest of the request inputs it belongs to.
 pub struct Credentials {

@@ -77,19 +77,24 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
     if let Some(meta) = ctx.index.secret(&Key::new(&namespace, &name)) {
         return Ok(ClientSecret::Found { uid: meta.uid, resource_version: meta.resource_version, read: None });
     }
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let read = within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadClientSecret {
-        namespace,
-        name,
-        source,
-    })?;
-    Ok(match read {
+    Ok(match read_client_secret(ra, ctx).await? {
         Some(s) => ClientSecret::Found {
             uid: s.metadata.uid.clone().unwrap_or_default(),
             resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
             read: Some(Box::new(s)),
         },
         None => ClientSecret::Missing,
+    })
+}
+
+/// Reads the client Secret, value included.
+async fn read_client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<Option<Secret>, Error> {
+    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.spec.client_secret_ref.name.clone());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadClientSecret {
+        namespace,
+        name,
+        source,
     })
 }
 
@@ -125,15 +130,7 @@ pub async fn request(
     let secret = match client {
         ClientSecret::Missing => None,
         ClientSecret::Found { read: Some(s), .. } => Some(*s),
-        ClientSecret::Found { read: None, .. } => {
-            let name = ra.spec.client_secret_ref.name.clone();
-            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-            within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadClientSecret {
-                namespace: namespace.clone(),
-                name,
-                source,
-            })?
-        }
+        ClientSecret::Found { read: None, .. } => read_client_secret(ra, ctx).await?,
     };
     let credentials = match credentials::extract(ra, secret.as_ref()) {
         Ok(c) => c,
