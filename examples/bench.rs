@@ -220,7 +220,7 @@ async fn bench() -> Result<()> {
     let t = Instant::now();
     for ns in &namespaces {
         k8s::create_namespace(&client, ns).await?;
-        k8s::put_secret(&client, ns, "creds", &[("client_secret", &op_client.secret)]).await?;
+        k8s::put_client_secret(&client, ns, "creds", &[("client_secret", &op_client.secret)]).await?;
     }
     let objects: Vec<(String, String)> =
         (0..cfg.n).map(|i| (namespaces[i % cfg.k].clone(), format!("ra-{i:05}"))).collect();
@@ -785,7 +785,7 @@ async fn refresh_window(
     let s = cfg.short.min(cfg.n);
     let short = kc.create_client(REALM, "bench-short", Some(cfg.short_lifespan), true).await?;
     for ns in namespaces {
-        k8s::put_secret(&kube.client, ns, "creds-short", &[("client_secret", &short.secret)]).await?;
+        k8s::put_client_secret(&kube.client, ns, "creds-short", &[("client_secret", &short.secret)]).await?;
     }
     let objects: Vec<(String, String)> =
         (0..s).map(|i| (namespaces[i % namespaces.len()].clone(), format!("short-{i:05}"))).collect();

@@ -17,6 +17,12 @@ pub const DEFAULT_CLIENT_SECRET_KEY: &str = "client_secret";
 /// Annotation on a RegistryAccess that requests a new token at once, once per new value:
 /// `kubectl annotate ra NAME registry-access.io/refresh-requested-at="$(date -Is)" --overwrite`.
 pub const REFRESH_ANNOTATION: &str = "registry-access.io/refresh-requested-at";
+/// Label a client Secret must carry (value `true`) before the operator sends its value to
+/// Keycloak: whoever may label Secrets in the namespace decides which ones may leave it.
+pub const CLIENT_SECRET_LABEL: &str = "registry-access.io/client-secret";
+/// Optional annotation on a client Secret: the Keycloak servers (URL prefixes, comma-separated)
+/// its value may be sent to. Without it, any server the operator allows.
+pub const ALLOWED_SERVERS_ANNOTATION: &str = "registry-access.io/allowed-servers";
 /// Suffix of the token Secret's default name (`<metadata.name>-token`).
 pub const DEFAULT_SECRET_SUFFIX: &str = "-token";
 
@@ -55,8 +61,9 @@ const SCOPE_PATTERN: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+$";
 pub struct RegistryAccessSpec {
     /// Base URL of the Keycloak server, with or without the legacy `/auth` context path, for
     /// example `https://platform-keycloak.apps.example.com/auth`. The token is requested from
-    /// `{server}/realms/{realm}/protocol/openid-connect/token`. Must be an absolute http or https
-    /// URL without user information, query or fragment.
+    /// `{server}/realms/{realm}/protocol/openid-connect/token`. Must be an absolute https URL
+    /// without user information, query or fragment (plain http only where the operator runs with
+    /// `--allow-insecure-http`), among the servers the operator allows.
     #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
     #[x_kube(validation = Rule::new("isURL(self)").message("server must be an absolute http(s) URL, e.g. https://keycloak.example.com/auth"))]
     pub server: String,
@@ -69,7 +76,10 @@ pub struct RegistryAccessSpec {
     #[schemars(length(min = 1, max = 255))]
     pub client_id: String,
 
-    /// The Secret, in this RegistryAccess's namespace, that holds the client secret.
+    /// The Secret, in this RegistryAccess's namespace, that holds the client secret. The Secret
+    /// must carry the label `registry-access.io/client-secret: "true"` (set by someone who may
+    /// edit Secrets here), otherwise nothing is sent (reason ClientSecretNotOptedIn); its
+    /// annotation `registry-access.io/allowed-servers` can name the only servers it may go to.
     pub client_secret_ref: ClientSecretRef,
 
     /// How the client authenticates to the token endpoint: `client_secret_post` (the default:
@@ -92,8 +102,11 @@ pub struct RegistryAccessSpec {
 
     /// How long before the token's expiry a new token is requested, as a duration such as `100s`
     /// or `2m`. Default: one third of the token's lifetime (100s for Keycloak's default 300s),
-    /// which leaves the kubelet time to deliver the new token to mounted volumes. A value not
-    /// shorter than the lifetime falls back to half the lifetime and the status says so.
+    /// which leaves the kubelet time to deliver the new token to mounted volumes (keep it at
+    /// least 90s for pods that mount the Secret). A token is renewed no sooner than a quarter
+    /// of its lifetime (at least 5s) after it was issued: a longer value is reduced to that, and
+    /// Degraded says so (RenewBeforeAdjusted); one under the kubelet's sync period is reported
+    /// as RenewBeforeTooShort.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION_PATTERN))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("renewBefore must be a positive duration such as 100s"))]

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::api::{RegistryAccess, RegistryAccessStatus};
 use crate::failure::{Error, within};
 use crate::reconcile::Context;
-use crate::secret::MANAGER;
+use crate::secret::{MANAGED_BY_LABEL, MANAGER, RETIRED_ANNOTATION};
 
 /// Applies the token Secret; returns its new resourceVersion.
 pub async fn token_secret(ctx: &Context, ra: &RegistryAccess, desired: &Secret) -> Result<String, Error> {
@@ -20,6 +20,30 @@ pub async fn token_secret(ctx: &Context, ra: &RegistryAccess, desired: &Secret) 
             .await
             .map_err(|source| Error::ApplySecret { namespace, name, source })?;
     Ok(written.resource_version().unwrap_or_default())
+}
+
+/// Retires a former token Secret of `ra`: applies it with the operator's labels, owner and a
+/// retired annotation only, so that server-side apply removes the token keys and annotations the
+/// operator had set (keys someone else added stay).
+pub async fn retire_secret(ctx: &Context, ra: &RegistryAccess, name: &str, successor: &str) -> Result<(), Error> {
+    let namespace = ra.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let husk = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {MANAGED_BY_LABEL: MANAGER},
+            "annotations": {RETIRED_ANNOTATION: format!("replaced by Secret {successor} (spec.secret.name)")},
+            "ownerReferences": ra.controller_owner_ref(&()).map(|r| vec![r]),
+        },
+        "type": "Opaque",
+    });
+    within(ctx.api_timeout, api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&husk)))
+        .await
+        .map_err(|source| Error::RetireSecret { namespace, name: name.to_owned(), source })?;
+    Ok(())
 }
 
 /// Applies the status.

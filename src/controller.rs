@@ -16,13 +16,15 @@ use kube::{Api, Client, Resource};
 use tracing::{debug, info};
 
 use crate::api::{Guarded, RegistryAccess};
+use crate::digest_key::{DigestKey, KeyError};
 use crate::index::{Key, Role, SecretMeta};
 use crate::issuer::Issuer;
 use crate::leader::{self, LeaderConfig, LeaderError};
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::probes::Readiness;
 use crate::queue::QueueConfig;
-use crate::reconcile::{Context, error_policy, reconcile};
+use crate::reconcile::{Context, Settings, error_policy, reconcile};
 use crate::scopes;
 use crate::state::States;
 use crate::token::{self, TokenClient};
@@ -44,8 +46,12 @@ pub struct RunConfig {
     pub token_client: token::ClientConfig,
     /// Set once the watches have synced (served on /readyz).
     pub readiness: Readiness,
-    /// Keycloak servers objects may use (URL prefixes); any when empty.
-    pub allowed_servers: Vec<String>,
+    /// Which Keycloak servers objects may use.
+    pub policy: Policy,
+    /// Where the digest key is kept: namespace and name of its Secret.
+    pub digest_key_secret: (String, String),
+    /// The longest a pod's mounted Secret lags an update; zero turns the timing warning off.
+    pub mount_delay: Duration,
     pub limits: QueueConfig,
     /// Time limit of each Kubernetes API call of a reconcile.
     pub api_timeout: Duration,
@@ -63,18 +69,22 @@ pub enum RunError {
     TokenClient(#[source] token::TokenError),
     #[error(transparent)]
     Leader(#[from] LeaderError),
+    #[error(transparent)]
+    DigestKey(#[from] KeyError),
 }
 
 /// Runs the operator until a termination signal arrives; with leader election, only while this
 /// replica holds the Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let tokens = TokenClient::new(config.token_client.clone()).map_err(RunError::TokenClient)?;
+    let (ns, name) = &config.digest_key_secret;
+    let key = DigestKey::load_or_create(&client, ns, name, config.api_timeout).await?;
     match config.leader.clone() {
-        None => run_controller(client, &config, tokens).await,
+        None => run_controller(client, &config, tokens, key).await,
         Some(leader) => {
             // A standby replica is healthy and ready: it is waiting for the Lease by design.
             config.readiness.set_ready();
-            leader::run_as_leader(client.clone(), &leader, || run_controller(client, &config, tokens)).await?;
+            leader::run_as_leader(client.clone(), &leader, || run_controller(client, &config, tokens, key)).await?;
         }
     }
     Ok(())
@@ -83,7 +93,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 type Scope = Option<String>;
 
 /// Runs the controller until a termination signal arrives.
-async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient) {
+async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient, digest_key: DigestKey) {
     let scopes: Vec<Scope> =
         if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     info!(
@@ -94,15 +104,14 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient)
     );
     let states = Arc::new(States::default());
     let (issuer, finished) = Issuer::new(config.limits, tokens, config.metrics.clone(), states.clone());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config.api_timeout,
-        config.metrics.clone(),
-        states,
-        issuer.clone(),
-        config.allowed_servers.clone(),
-        config.instance.clone(),
-    ));
+    let settings = Settings {
+        api_timeout: config.api_timeout,
+        policy: config.policy.clone(),
+        digest_key,
+        mount_delay: config.mount_delay,
+        instance: config.instance.clone(),
+    };
+    let ctx = Arc::new(Context::new(client.clone(), config.metrics.clone(), states, issuer.clone(), settings));
     let dispatcher = tokio::spawn(issuer.run());
 
     // RegistryAccess: one watch per scope, merged into one store.
@@ -240,6 +249,7 @@ fn secret_triggers(
             let meta = SecretMeta {
                 uid: s.metadata.uid.clone().unwrap_or_default(),
                 resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
+                token_of: crate::secret::token_owner(&s.metadata),
             };
             let version = meta.resource_version.clone();
             if ctx.index.secret_applied(key.clone(), meta) { (vec![key], Some(version)) } else { (Vec::new(), None) }

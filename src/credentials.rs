@@ -1,48 +1,132 @@
-//! Reading the client secret from its Secret, and the digest of everything a token request depends on.
+//! The client Secret: whether it may be sent (opt-in label, allowed servers), its keyed
+//! fingerprint, the client secret itself, and the digest of everything a token request depends on.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use secrecy::SecretString;
 
-use crate::api::{REFRESH_ANNOTATION, RegistryAccess};
+use crate::api::{ALLOWED_SERVERS_ANNOTATION, CLIENT_SECRET_LABEL, REFRESH_ANNOTATION, RegistryAccess};
+use crate::digest_key::DigestKey;
 use crate::failure::{Problem, reason};
+use crate::policy;
 
 /// The client secret and the digest of the request inputs it belongs to.
 pub struct Credentials {
     pub client_secret: SecretString,
-    /// Digest of server, realm, client, auth method, scopes and the client Secret's identity and
-    /// version. It holds nothing secret: the client secret enters only through its Secret's
-    /// resourceVersion.
+    /// Digest of server, realm, client, auth method, scopes and the keyed fingerprint of the
+    /// client secret's value: it changes when the value does, and reveals nothing of it.
     pub inputs: String,
 }
 
-/// Extracts the client secret of `ra` from `secret` (the referenced Secret, if it exists).
-pub fn extract(ra: &RegistryAccess, secret: Option<&Secret>) -> Result<Credentials, Problem> {
-    let r = &ra.spec.client_secret_ref;
-    let ns = ra.namespace().unwrap_or_default();
+/// What the operator keeps of a client Secret it read: whether it may be sent, and a keyed
+/// fingerprint of each value (never a value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// The version this was taken from.
+    pub resource_version: String,
+    /// The Secret carries the opt-in label.
+    pub opted_in: bool,
+    /// The servers its annotation allows, if it names any.
+    pub allowed_servers: Option<Vec<String>>,
+    /// Per data key: the keyed fingerprint of the value, or why the value is unusable.
+    pub values: BTreeMap<String, Result<String, &'static str>>,
+}
+
+impl Fingerprint {
+    /// Takes the fingerprint of `secret` with `key`.
+    pub fn of(secret: &Secret, key: &DigestKey) -> Self {
+        let labels = secret.metadata.labels.as_ref();
+        let annotations = secret.metadata.annotations.as_ref();
+        Self {
+            resource_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+            opted_in: labels.and_then(|l| l.get(CLIENT_SECRET_LABEL)).is_some_and(|v| v == "true"),
+            allowed_servers: annotations
+                .and_then(|a| a.get(ALLOWED_SERVERS_ANNOTATION))
+                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+            values: secret
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), value_of(&v.0).map(|value| key.fingerprint(value.as_bytes()))))
+                .collect(),
+        }
+    }
+
+    /// The fingerprint of the value `ra` would send, or why this Secret may not or cannot be
+    /// used for it. Opt-in and allowed servers are checked before anything about the keys is
+    /// said, so a Secret that did not opt in reveals nothing.
+    pub fn check(&self, ra: &RegistryAccess) -> Result<&str, Problem> {
+        let ns = ra.namespace().unwrap_or_default();
+        let r = &ra.spec.client_secret_ref;
+        if !self.opted_in {
+            return Err(Problem::fix(
+                reason::CLIENT_SECRET_NOT_OPTED_IN,
+                format!(
+                    "Secret {ns}/{} is not marked for use as a client secret, so it is not sent to Keycloak: \
+                     someone who may edit Secrets in namespace {ns} can allow it with \
+                     `kubectl label secret {} {CLIENT_SECRET_LABEL}=true -n {ns}`; no request was sent",
+                    r.name, r.name
+                ),
+            ));
+        }
+        if let Some(allowed) = &self.allowed_servers
+            && !policy::server_allowed_nonempty(&ra.spec.server, allowed)
+        {
+            return Err(Problem::fix(
+                reason::SERVER_NOT_ALLOWED,
+                format!(
+                    "Secret {ns}/{} may only be sent to {} (its annotation {ALLOWED_SERVERS_ANNOTATION}), \
+                     not to spec.server {}; no request was sent",
+                    r.name,
+                    allowed.join(", "),
+                    ra.spec.server
+                ),
+            ));
+        }
+        let missing = |what: String| {
+            Problem::fix(
+                reason::CLIENT_SECRET_KEY_MISSING,
+                format!("Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key", r.name),
+            )
+        };
+        match self.values.get(&r.key) {
+            None => Err(missing(format!("has no key {:?}", r.key))),
+            Some(Err(why)) => Err(missing(format!("key {:?} {why}", r.key))),
+            Some(Ok(fp)) => Ok(fp),
+        }
+    }
+
+    /// The digest of the inputs of a request for `ra` with this Secret, when it may be sent.
+    pub fn inputs(&self, ra: &RegistryAccess) -> Option<String> {
+        self.check(ra).ok().map(|fp| inputs_digest(ra, fp))
+    }
+}
+
+/// The client secret in a Secret's value: UTF-8 text without the trailing newline a file often
+/// ends in, not empty.
+fn value_of(raw: &[u8]) -> Result<&str, &'static str> {
+    let value = std::str::from_utf8(raw).map_err(|_| "is not UTF-8 text")?;
+    let value = value.trim_end_matches(['\n', '\r']);
+    if value.is_empty() { Err("is empty") } else { Ok(value) }
+}
+
+/// Extracts the client secret of `ra` from `secret` (the referenced Secret, if it exists), if it
+/// may be sent; with the fingerprint taken of it.
+pub fn extract(
+    ra: &RegistryAccess,
+    secret: Option<&Secret>,
+    key: &DigestKey,
+) -> Result<(Credentials, Fingerprint), Problem> {
     let Some(secret) = secret else {
         return Err(not_found(ra));
     };
-    let missing = |what: &str| {
-        Problem::fix(
-            reason::CLIENT_SECRET_KEY_MISSING,
-            format!("Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key", r.name),
-        )
-    };
-    let raw =
-        secret.data.as_ref().and_then(|d| d.get(&r.key)).ok_or_else(|| missing(&format!("has no key {:?}", r.key)))?;
-    let value = std::str::from_utf8(&raw.0).map_err(|_| missing(&format!("key {:?} is not UTF-8 text", r.key)))?;
-    // A secret written from a file often ends in a newline that is not part of the password.
-    let value = value.trim_end_matches(['\n', '\r']);
-    if value.is_empty() {
-        return Err(missing(&format!("key {:?} is empty", r.key)));
-    }
-    let inputs = inputs_digest(
-        ra,
-        secret.metadata.uid.as_deref().unwrap_or_default(),
-        secret.metadata.resource_version.as_deref().unwrap_or_default(),
-    );
-    Ok(Credentials { client_secret: SecretString::from(value.to_owned()), inputs })
+    let fingerprint = Fingerprint::of(secret, key);
+    let inputs = inputs_digest(ra, fingerprint.check(ra)?);
+    let raw = secret.data.as_ref().and_then(|d| d.get(&ra.spec.client_secret_ref.key)).map(|v| v.0.as_slice());
+    let value = raw.and_then(|raw| value_of(raw).ok()).unwrap_or_default();
+    Ok((Credentials { client_secret: SecretString::from(value.to_owned()), inputs }, fingerprint))
 }
 
 /// The problem of a client Secret that does not exist.
@@ -57,10 +141,10 @@ pub fn not_found(ra: &RegistryAccess) -> Problem {
     )
 }
 
-/// Digest of what the token was requested with (no secret material): the spec's request fields
-/// and the client Secret's `uid` and `resourceVersion`, which the metadata watch gives without
-/// reading the Secret.
-pub fn inputs_digest(ra: &RegistryAccess, secret_uid: &str, secret_version: &str) -> String {
+/// Digest of what the token is requested with: the spec's request fields, the keyed fingerprint
+/// of the client secret's value, and the refresh annotation. A new label, annotation or version of
+/// the client Secret with the same value is the same input.
+pub fn inputs_digest(ra: &RegistryAccess, value_fingerprint: &str) -> String {
     use sha2::Digest as _;
     let s = &ra.spec;
     let mut h = sha2::Sha256::new();
@@ -72,8 +156,7 @@ pub fn inputs_digest(ra: &RegistryAccess, secret_uid: &str, secret_version: &str
         &s.scopes.join(" "),
         &s.client_secret_ref.name,
         &s.client_secret_ref.key,
-        secret_uid,
-        secret_version,
+        value_fingerprint,
         // A new value of the refresh annotation is a request for a new token.
         ra.metadata
             .annotations
@@ -95,67 +178,114 @@ mod tests {
     use k8s_openapi::ByteString;
     use secrecy::ExposeSecret;
 
+    fn key() -> DigestKey {
+        DigestKey::from_bytes([7; 32])
+    }
+
     fn client_secret(key: &str, value: &[u8], rv: &str) -> Secret {
         let mut s = Secret::default();
         s.metadata.name = Some("creds".into());
         s.metadata.uid = Some("cs-uid".into());
         s.metadata.resource_version = Some(rv.into());
+        s.metadata.labels = Some([(CLIENT_SECRET_LABEL.to_owned(), "true".to_owned())].into());
         s.data = Some([(key.to_owned(), ByteString(value.to_vec()))].into());
         s
     }
 
+    fn inputs(ra: &RegistryAccess, s: &Secret) -> String {
+        extract(ra, Some(s), &key()).map_err(|p| p.message).unwrap().0.inputs
+    }
+
     #[test]
     fn reads_the_default_key_and_trims_a_trailing_newline() {
-        let c = extract(&ra(), Some(&client_secret("client_secret", b"s3cret\n", "1"))).unwrap();
+        let (c, fp) = extract(&ra(), Some(&client_secret("client_secret", b"s3cret\n", "1")), &key()).unwrap();
         assert_eq!(c.client_secret.expose_secret(), "s3cret");
+        assert_eq!(fp.inputs(&ra()), Some(c.inputs));
     }
 
     #[test]
     fn missing_secret_and_key_have_their_reasons() {
-        let e = extract(&ra(), None).err().unwrap();
+        let problem = |s: Option<&Secret>| extract(&ra(), s, &key()).err().unwrap();
+        let e = problem(None);
         assert_eq!(e.reason, reason::CLIENT_SECRET_NOT_FOUND);
         assert!(e.message.contains("billing/creds"), "{}", e.message);
-        let e = extract(&ra(), Some(&client_secret("password", b"x", "1"))).err().unwrap();
+        let e = problem(Some(&client_secret("password", b"x", "1")));
         assert_eq!(e.reason, reason::CLIENT_SECRET_KEY_MISSING);
         assert!(e.message.contains("\"client_secret\""));
-        let e = extract(&ra(), Some(&client_secret("client_secret", b"\n", "1"))).err().unwrap();
-        assert!(e.message.contains("empty"));
-        let e = extract(&ra(), Some(&client_secret("client_secret", &[0xff], "1"))).err().unwrap();
-        assert!(e.message.contains("UTF-8"));
+        assert!(problem(Some(&client_secret("client_secret", b"\n", "1"))).message.contains("empty"));
+        assert!(problem(Some(&client_secret("client_secret", &[0xff], "1"))).message.contains("UTF-8"));
     }
 
     #[test]
-    fn inputs_change_with_the_secret_version_and_the_spec() {
-        let a = extract(&ra(), Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
-        let b = extract(&ra(), Some(&client_secret("client_secret", b"x", "2"))).unwrap().inputs;
-        assert_ne!(a, b);
+    fn a_secret_without_the_opt_in_label_is_never_sent_and_reveals_nothing() {
+        let mut s = client_secret("password", b"db-password", "1");
+        s.metadata.labels = None;
+        let e = extract(&ra(), Some(&s), &key()).err().unwrap();
+        assert_eq!(e.reason, reason::CLIENT_SECRET_NOT_OPTED_IN);
+        assert!(e.message.contains("kubectl label secret creds registry-access.io/client-secret=true -n billing"));
+        assert!(!e.message.contains("password"), "nothing about its keys: {}", e.message);
+        s.metadata.labels = Some([(CLIENT_SECRET_LABEL.to_owned(), "false".to_owned())].into());
+        assert_eq!(Fingerprint::of(&s, &key()).check(&ra()).unwrap_err().reason, reason::CLIENT_SECRET_NOT_OPTED_IN);
+        assert_eq!(Fingerprint::of(&s, &key()).inputs(&ra()), None);
+    }
+
+    #[test]
+    fn a_secret_may_restrict_the_servers_it_is_sent_to() {
+        let mut s = client_secret("client_secret", b"x", "1");
+        s.metadata.annotations = Some(
+            [(
+                ALLOWED_SERVERS_ANNOTATION.to_owned(),
+                "https://other.example.com, https://kc.example.com/auth".to_owned(),
+            )]
+            .into(),
+        );
+        assert!(extract(&ra(), Some(&s), &key()).is_ok());
+        s.metadata.annotations =
+            Some([(ALLOWED_SERVERS_ANNOTATION.to_owned(), "https://other.example.com".to_owned())].into());
+        let e = extract(&ra(), Some(&s), &key()).err().unwrap();
+        assert_eq!(e.reason, reason::SERVER_NOT_ALLOWED);
+        assert!(e.message.contains("https://other.example.com"), "{}", e.message);
+    }
+
+    #[test]
+    fn inputs_follow_the_value_and_the_spec_not_the_secret_version() {
+        let a = inputs(&ra(), &client_secret("client_secret", b"x", "1"));
+        let mut relabelled = client_secret("client_secret", b"x\n", "2");
+        relabelled.metadata.labels.as_mut().unwrap().insert("team".into(), "billing".into());
+        relabelled.metadata.uid = Some("recreated".into());
+        assert_eq!(a, inputs(&ra(), &relabelled), "a label, a new version or a recreated Secret is no new input");
+        assert_ne!(a, inputs(&ra(), &client_secret("client_secret", b"rotated", "3")));
         let mut other = ra();
         other.spec.scopes = vec!["email".into()];
-        let c = extract(&other, Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
-        assert_ne!(a, c);
+        assert_ne!(a, inputs(&other, &client_secret("client_secret", b"x", "1")));
         let mut same = ra();
         same.spec.registry_url = None;
-        let d = extract(&same, Some(&client_secret("client_secret", b"x", "1"))).unwrap().inputs;
-        assert_eq!(a, d, "registryUrl does not need a new token");
+        assert_eq!(
+            a,
+            inputs(&same, &client_secret("client_secret", b"x", "1")),
+            "registryUrl does not need a new token"
+        );
+    }
+
+    #[test]
+    fn the_digest_is_keyed() {
+        let s = client_secret("client_secret", b"x", "1");
+        let other_key = DigestKey::from_bytes([8; 32]);
+        let a = extract(&ra(), Some(&s), &key()).unwrap().0.inputs;
+        let b = extract(&ra(), Some(&s), &other_key).unwrap().0.inputs;
+        assert_ne!(a, b, "without the key, the digest cannot be recomputed from a guessed value");
     }
 
     #[test]
     fn a_new_refresh_request_changes_the_inputs_once() {
         let secret = client_secret("client_secret", b"x", "1");
-        let plain = extract(&ra(), Some(&secret)).unwrap().inputs;
+        let plain = inputs(&ra(), &secret);
         let mut asked = ra();
         asked.metadata.annotations = Some([(REFRESH_ANNOTATION.to_owned(), "2026-01-01T00:00:00Z".to_owned())].into());
-        let first = extract(&asked, Some(&secret)).unwrap().inputs;
+        let first = inputs(&asked, &secret);
         assert_ne!(plain, first);
-        assert_eq!(first, extract(&asked, Some(&secret)).unwrap().inputs, "the same value asks only once");
+        assert_eq!(first, inputs(&asked, &secret), "the same value asks only once");
         asked.metadata.annotations = Some([(REFRESH_ANNOTATION.to_owned(), "again".to_owned())].into());
-        assert_ne!(first, extract(&asked, Some(&secret)).unwrap().inputs);
-    }
-
-    #[test]
-    fn inputs_do_not_depend_on_the_secret_value() {
-        let a = extract(&ra(), Some(&client_secret("client_secret", b"one", "1"))).unwrap();
-        let b = extract(&ra(), Some(&client_secret("client_secret", b"two", "1"))).unwrap();
-        assert_eq!(a.inputs, b.inputs);
+        assert_ne!(first, inputs(&asked, &secret));
     }
 }

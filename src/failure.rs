@@ -15,6 +15,10 @@ pub mod reason {
     pub const SECRET_CONFLICT: &str = "SecretConflict";
     pub const CLIENT_SECRET_NOT_FOUND: &str = "ClientSecretNotFound";
     pub const CLIENT_SECRET_KEY_MISSING: &str = "ClientSecretKeyMissing";
+    pub const CLIENT_SECRET_NOT_OPTED_IN: &str = "ClientSecretNotOptedIn";
+    pub const INSECURE_SERVER: &str = "InsecureServer";
+    pub const RENEW_BEFORE_TOO_SHORT: &str = "RenewBeforeTooShort";
+    pub const RENEW_BEFORE_ADJUSTED: &str = "RenewBeforeAdjusted";
     pub const INVALID_CLIENT_CREDENTIALS: &str = "InvalidClientCredentials";
     pub const SERVICE_ACCOUNTS_DISABLED: &str = "ServiceAccountsDisabled";
     pub const INVALID_SCOPE: &str = "InvalidScope";
@@ -87,19 +91,45 @@ pub fn reason_for(e: &TokenError) -> &'static str {
 }
 
 /// Why a reconcile stopped at the Kubernetes API. Token request failures are not errors here:
-/// they are [`Problem`]s and end in a condition.
+/// they are [`Problem`]s and end in a condition. The API server's own message is never shown
+/// (admission webhooks can put object content in it): only the HTTP status and reason word.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading token Secret {namespace}/{name}: {source}")]
+    #[error("reading token Secret {namespace}/{name}: {}", api_summary(source))]
     ReadTokenSecret { namespace: String, name: String, source: kube::Error },
-    #[error("reading client Secret {namespace}/{name}: {source}")]
+    #[error("reading client Secret {namespace}/{name}: {}", api_summary(source))]
     ReadClientSecret { namespace: String, name: String, source: kube::Error },
-    #[error("reading the CA bundle {kind} {namespace}/{name}: {source}")]
+    #[error("reading the CA bundle {kind} {namespace}/{name}: {}", api_summary(source))]
     ReadCaBundle { kind: &'static str, namespace: String, name: String, source: kube::Error },
-    #[error("writing token Secret {namespace}/{name}: {source}")]
+    #[error("writing token Secret {namespace}/{name}: {}", api_summary(source))]
     ApplySecret { namespace: String, name: String, source: kube::Error },
-    #[error("writing status of RegistryAccess {namespace}/{name}: {source}")]
+    #[error("retiring former token Secret {namespace}/{name}: {}", api_summary(source))]
+    RetireSecret { namespace: String, name: String, source: kube::Error },
+    #[error("writing status of RegistryAccess {namespace}/{name}: {}", api_summary(source))]
     ApplyStatus { namespace: String, name: String, source: kube::Error },
+}
+
+/// A Kubernetes API failure in words of our own: the HTTP status and the API's reason word (a
+/// fixed vocabulary such as `Forbidden` or `Conflict`), never the API server's message text.
+pub fn api_summary(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            let word = &status.reason;
+            let word = if !word.is_empty() && word.len() <= 64 && word.chars().all(|c| c.is_ascii_alphanumeric()) {
+                format!(" ({word})")
+            } else {
+                String::new()
+            };
+            format!("the Kubernetes API refused it: HTTP {}{word}", status.code)
+        }
+        kube::Error::Service(_) | kube::Error::HyperError(_) => {
+            "the Kubernetes API did not answer (connection failed or timed out)".to_owned()
+        }
+        kube::Error::SerdeError(_) | kube::Error::FromUtf8(_) => {
+            "the Kubernetes API's answer could not be read".to_owned()
+        }
+        _ => "the Kubernetes API call could not be made".to_owned(),
+    }
 }
 
 /// Runs one Kubernetes API call with a time limit: a connection that stops answering fails the
@@ -123,6 +153,7 @@ impl Error {
             Self::ReadClientSecret { .. } => "read_client_secret",
             Self::ReadCaBundle { .. } => "read_ca_bundle",
             Self::ApplySecret { .. } => "apply_secret",
+            Self::RetireSecret { .. } => "retire_secret",
             Self::ApplyStatus { .. } => "apply_status",
         }
     }
@@ -131,6 +162,22 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_errors_are_told_without_the_servers_text() {
+        let status = kube::core::Status {
+            code: 403,
+            reason: "Forbidden".into(),
+            message: "denied: the webhook says <object content>".into(),
+            ..Default::default()
+        };
+        let e =
+            Error::ApplySecret { namespace: "ns".into(), name: "s".into(), source: kube::Error::Api(Box::new(status)) };
+        let text = e.to_string();
+        assert_eq!(text, "writing token Secret ns/s: the Kubernetes API refused it: HTTP 403 (Forbidden)");
+        let odd = kube::core::Status { code: 400, reason: "Bad <b>".into(), ..Default::default() };
+        assert_eq!(api_summary(&kube::Error::Api(Box::new(odd))), "the Kubernetes API refused it: HTTP 400");
+    }
 
     #[test]
     fn keycloak_outages_and_rate_limits_are_transient_and_keep_retry_after() {

@@ -1,9 +1,13 @@
 //! Keyed indexes kept by the watches: which objects name a Secret (as client Secret or token
-//! Secret), and the uid and resourceVersion of every Secret seen. A Secret event finds its objects
-//! without a scan, and a reconcile knows a Secret's version without reading it.
+//! Secret), the uid and resourceVersion of every Secret seen, which token Secrets each object
+//! controls, and the fingerprints of client Secrets read. A Secret event finds its objects without
+//! a scan, and a reconcile knows a Secret's version (and a client Secret's fingerprint) without
+//! reading it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+
+use crate::credentials::Fingerprint;
 
 /// A namespaced name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,6 +44,9 @@ pub struct Referrer {
 pub struct SecretMeta {
     pub uid: String,
     pub resource_version: String,
+    /// The uid of the RegistryAccess whose live token Secret this is (operator-managed, controlled
+    /// by that object, not retired).
+    pub token_of: Option<String>,
 }
 
 #[derive(Default)]
@@ -47,6 +54,10 @@ struct Inner {
     by_secret: HashMap<Key, Vec<Referrer>>,
     of_object: HashMap<Key, Vec<(Key, Role)>>,
     secrets: HashMap<Key, SecretMeta>,
+    /// The live token Secrets of each object, by its uid.
+    token_secrets: HashMap<String, HashSet<Key>>,
+    /// Fingerprints of client Secrets, each valid for the version it was taken from.
+    fingerprints: HashMap<Key, Arc<Fingerprint>>,
     /// Secrets seen so far in a re-list, per watched scope (a namespace, or all).
     relisting: HashMap<Option<String>, HashSet<Key>>,
 }
@@ -119,12 +130,62 @@ impl Index {
                 seen.insert(secret.clone());
             }
         }
-        inner.secrets.insert(secret, meta.clone()) != Some(meta)
+        if let Some(owner) = &meta.token_of {
+            inner.token_secrets.entry(owner.clone()).or_default().insert(secret.clone());
+        }
+        let old = inner.secrets.insert(secret.clone(), meta.clone());
+        if let Some(old) = &old {
+            if old.resource_version != meta.resource_version {
+                inner.fingerprints.remove(&secret);
+            }
+            if old.token_of != meta.token_of {
+                Self::unlink_token(&mut inner, old.token_of.as_deref(), &secret);
+            }
+        }
+        old != Some(meta)
     }
 
     /// Forgets a deleted Secret; true when it was known.
     pub fn secret_deleted(&self, secret: &Key) -> bool {
-        self.write().secrets.remove(secret).is_some()
+        let mut inner = self.write();
+        Self::forget_secret(&mut inner, secret)
+    }
+
+    fn forget_secret(inner: &mut Inner, secret: &Key) -> bool {
+        inner.fingerprints.remove(secret);
+        let Some(old) = inner.secrets.remove(secret) else { return false };
+        Self::unlink_token(inner, old.token_of.as_deref(), secret);
+        true
+    }
+
+    fn unlink_token(inner: &mut Inner, owner: Option<&str>, secret: &Key) {
+        let Some(owner) = owner else { return };
+        if let Some(keys) = inner.token_secrets.get_mut(owner) {
+            keys.remove(secret);
+            if keys.is_empty() {
+                inner.token_secrets.remove(owner);
+            }
+        }
+    }
+
+    /// The live token Secrets the object with `uid` controls, by the watch.
+    pub fn token_secrets_of(&self, uid: &str) -> Vec<Key> {
+        self.read().token_secrets.get(uid).map(|k| k.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The fingerprint of a client Secret, when one was taken of the version the watch shows.
+    pub fn fingerprint(&self, secret: &Key) -> Option<Arc<Fingerprint>> {
+        let inner = self.read();
+        let fp = inner.fingerprints.get(secret)?;
+        (inner.secrets.get(secret)?.resource_version == fp.resource_version).then(|| fp.clone())
+    }
+
+    /// Keeps the fingerprint of a client Secret just read (while the watch knows the Secret).
+    pub fn set_fingerprint(&self, secret: Key, fingerprint: Arc<Fingerprint>) {
+        let mut inner = self.write();
+        if inner.secrets.contains_key(&secret) {
+            inner.fingerprints.insert(secret, fingerprint);
+        }
     }
 
     /// A watch of `scope` starts listing again.
@@ -140,7 +201,7 @@ impl Index {
         let gone: Vec<Key> =
             inner.secrets.keys().filter(|k| in_scope(scope, k) && !seen.contains(*k)).cloned().collect();
         for k in &gone {
-            inner.secrets.remove(k);
+            Self::forget_secret(&mut inner, k);
         }
         gone
     }
@@ -156,7 +217,45 @@ mod tests {
     use super::*;
 
     fn meta(rv: &str) -> SecretMeta {
-        SecretMeta { uid: "u".into(), resource_version: rv.into() }
+        SecretMeta { uid: "u".into(), resource_version: rv.into(), token_of: None }
+    }
+
+    fn token_meta(rv: &str, owner: Option<&str>) -> SecretMeta {
+        SecretMeta { token_of: owner.map(str::to_owned), ..meta(rv) }
+    }
+
+    #[test]
+    fn follows_the_token_secrets_each_object_controls() {
+        let ix = Index::default();
+        let (a, b) = (Key::new("ns", "a-token"), Key::new("ns", "renamed"));
+        ix.secret_applied(a.clone(), token_meta("1", Some("uid-a")));
+        ix.secret_applied(b.clone(), token_meta("1", Some("uid-a")));
+        let mut owned = ix.token_secrets_of("uid-a");
+        owned.sort();
+        assert_eq!(owned, vec![a.clone(), b.clone()]);
+        // Retired: no longer a live token Secret of the object.
+        ix.secret_applied(a.clone(), token_meta("2", None));
+        assert_eq!(ix.token_secrets_of("uid-a"), vec![b.clone()]);
+        ix.secret_deleted(&b);
+        assert!(ix.token_secrets_of("uid-a").is_empty());
+    }
+
+    #[test]
+    fn a_fingerprint_is_valid_for_its_version_only() {
+        let ix = Index::default();
+        let k = Key::new("ns", "creds");
+        let fp = |rv: &str| Arc::new(Fingerprint { resource_version: rv.into(), ..Fingerprint::default() });
+        ix.set_fingerprint(k.clone(), fp("1"));
+        assert!(ix.fingerprint(&k).is_none(), "a Secret the watch has not seen keeps no fingerprint");
+        ix.secret_applied(k.clone(), meta("1"));
+        ix.set_fingerprint(k.clone(), fp("1"));
+        assert_eq!(ix.fingerprint(&k).unwrap().resource_version, "1");
+        ix.secret_applied(k.clone(), meta("2"));
+        assert!(ix.fingerprint(&k).is_none(), "a new version needs a new fingerprint");
+        ix.set_fingerprint(k.clone(), fp("2"));
+        ix.secret_deleted(&k);
+        ix.secret_applied(k.clone(), meta("2"));
+        assert!(ix.fingerprint(&k).is_none(), "deletion drops the fingerprint");
     }
 
     #[test]

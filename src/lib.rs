@@ -12,6 +12,7 @@ pub mod apply;
 pub mod controller;
 pub mod credentials;
 pub mod decide;
+pub mod digest_key;
 pub mod events;
 pub mod failure;
 pub mod index;

@@ -11,7 +11,7 @@ use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::controller::{self, RunConfig};
 use registry_access_operator::leader::LeaderConfig;
 use registry_access_operator::metrics::Metrics;
-use registry_access_operator::policy;
+use registry_access_operator::policy::{self, Policy};
 use registry_access_operator::probes::{self, Readiness};
 use registry_access_operator::queue::{self, QueueConfig};
 use registry_access_operator::telemetry::{self, LogFormat};
@@ -51,6 +51,24 @@ struct RunArgs {
     /// with commas), e.g. `https://keycloak.example.com/auth`. Default: any server.
     #[arg(long = "allowed-server", env = "ALLOWED_SERVERS", value_delimiter = ',')]
     allowed_servers: Vec<String>,
+    /// Allow Keycloak servers with plain `http://` URLs. Without it, an object naming one gets
+    /// reason InsecureServer and nothing is sent: over http the client secret and the token
+    /// cross the network readable by anyone on the path. For local tests and demos only.
+    #[arg(long, env = "ALLOW_INSECURE_HTTP")]
+    allow_insecure_http: bool,
+    /// Name of the Secret holding the operator's digest key (a random HMAC key, created when
+    /// missing), which keys the fingerprints of client secrets recorded on token Secrets.
+    #[arg(long, default_value = "registry-access-operator-digest-key")]
+    digest_key_secret: String,
+    /// Namespace of the digest key Secret. Default: $POD_NAMESPACE, else `default`.
+    #[arg(long, env = "DIGEST_KEY_NAMESPACE")]
+    digest_key_namespace: Option<String>,
+    /// The longest a pod's mounted Secret takes to show an update (the kubelet resyncs each pod
+    /// every 1 to 1.5 x its syncFrequency, 60 s by default): an object whose tokens are renewed
+    /// with less validity left is reported Degraded (RenewBeforeTooShort). `0s` turns the
+    /// warning off (when no pod mounts the token Secrets as volumes). 0s to 10m.
+    #[arg(long, default_value = "90s", value_parser = duration_in(Duration::ZERO, Duration::from_secs(600)))]
+    kubelet_sync_period: Duration,
     /// A file of PEM CA certificates trusted for every token request, in addition to the system
     /// roots (e.g. the platform's private CA).
     #[arg(long, env = "CA_BUNDLE_FILE")]
@@ -156,7 +174,7 @@ async fn run(args: RunArgs) -> ExitCode {
         }
     };
     let allowed_servers: Vec<String> = args.allowed_servers.into_iter().filter(|s| !s.is_empty()).collect();
-    if let Err(e) = policy::validate_prefixes(&allowed_servers) {
+    if let Err(e) = policy::validate_prefixes(&allowed_servers, args.allow_insecure_http) {
         tracing::error!(error = %e, "invalid --allowed-server");
         return ExitCode::FAILURE;
     }
@@ -190,7 +208,14 @@ async fn run(args: RunArgs) -> ExitCode {
     let config = RunConfig {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         readiness,
-        allowed_servers,
+        policy: Policy { allowed_servers, allow_insecure_http: args.allow_insecure_http },
+        digest_key_secret: (
+            args.digest_key_namespace
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".to_owned()),
+            args.digest_key_secret,
+        ),
+        mount_delay: args.kubelet_sync_period,
         limits: QueueConfig {
             max_in_flight: args.max_requests_in_flight,
             max_in_flight_per_server: args.max_requests_in_flight_per_server,

@@ -1,16 +1,19 @@
 //! Stage 1 of a reconcile, reads only: the token Secret (from memory while the watch shows it
-//! unchanged since the operator wrote or checked it), the client Secret's identity (from the
-//! watch), and, only for a request about to be queued, the client secret itself and the CA bundle.
+//! unchanged since the operator wrote or checked it), the client Secret's fingerprint (from memory
+//! while the watch shows it unchanged), and, only for a request about to be queued, the client
+//! secret itself and the CA bundle.
+
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
 
 use crate::api::RegistryAccess;
-use crate::credentials;
+use crate::credentials::{self, Fingerprint};
 use crate::failure::{Error, Problem, reason, within};
 use crate::index::Key;
 use crate::issuer::OwnedRequest;
-use crate::policy;
+use crate::policy::Policy;
 use crate::reconcile::Context;
 use crate::secret::{self, Observed};
 use crate::token;
@@ -52,37 +55,45 @@ pub async fn token_secret(ra: &RegistryAccess, ctx: &Context) -> Result<TokenSec
 
 /// The client Secret as far as the decision needs it.
 pub enum ClientSecret {
-    /// It exists: its identity, and the Secret itself when it had to be read.
+    /// It exists: its fingerprint, and the Secret itself when it had to be read.
     Found {
-        uid: String,
-        resource_version: String,
+        fingerprint: Arc<Fingerprint>,
         read: Option<Box<Secret>>,
     },
     Missing,
 }
 
 impl ClientSecret {
-    /// The digest of the request inputs, when the client Secret exists.
+    /// The digest of the request inputs, when the client Secret exists and may be sent.
     pub fn inputs(&self, ra: &RegistryAccess) -> Option<String> {
         match self {
-            Self::Found { uid, resource_version, .. } => Some(credentials::inputs_digest(ra, uid, resource_version)),
+            Self::Found { fingerprint, .. } => fingerprint.inputs(ra),
             Self::Missing => None,
+        }
+    }
+
+    /// Why the next request would fail because of the client Secret, if it would.
+    pub fn problem(&self, ra: &RegistryAccess) -> Option<Problem> {
+        match self {
+            Self::Found { fingerprint, .. } => fingerprint.check(ra).err(),
+            Self::Missing => Some(credentials::not_found(ra)),
         }
     }
 }
 
-/// The client Secret's identity from the watch; read only when the watch has not seen it.
+/// The client Secret's fingerprint, from memory while the watch shows the version it was taken
+/// of; otherwise the Secret is read and a new fingerprint taken.
 pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientSecret, Error> {
-    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.spec.client_secret_ref.name.clone());
-    if let Some(meta) = ctx.index.secret(&Key::new(&namespace, &name)) {
-        return Ok(ClientSecret::Found { uid: meta.uid, resource_version: meta.resource_version, read: None });
+    let key = Key::new(&ra.namespace().unwrap_or_default(), &ra.spec.client_secret_ref.name);
+    if let Some(fingerprint) = ctx.index.fingerprint(&key) {
+        return Ok(ClientSecret::Found { fingerprint, read: None });
     }
     Ok(match read_client_secret(ra, ctx).await? {
-        Some(s) => ClientSecret::Found {
-            uid: s.metadata.uid.clone().unwrap_or_default(),
-            resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
-            read: Some(Box::new(s)),
-        },
+        Some(s) => {
+            let fingerprint = Arc::new(Fingerprint::of(&s, &ctx.digest_key));
+            ctx.index.set_fingerprint(key, fingerprint.clone());
+            ClientSecret::Found { fingerprint, read: Some(Box::new(s)) }
+        }
         None => ClientSecret::Missing,
     })
 }
@@ -98,18 +109,10 @@ async fn read_client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<Option
     })
 }
 
-/// A problem the spec alone shows before any request: a server outside the allow-list.
-pub fn spec_problem(ra: &RegistryAccess, allowed_servers: &[String]) -> Option<Problem> {
-    (!policy::server_allowed(&ra.spec.server, allowed_servers)).then(|| {
-        Problem::fix(
-            reason::SERVER_NOT_ALLOWED,
-            format!(
-                "spec.server {} is not among the Keycloak servers this operator may use ({}); no request was sent",
-                ra.spec.server,
-                allowed_servers.join(", ")
-            ),
-        )
-    })
+/// A problem the spec alone shows before any request: plain http without the flag, or a server
+/// outside the allow-list.
+pub fn spec_problem(ra: &RegistryAccess, policy: &Policy) -> Option<Problem> {
+    policy.refusal(&ra.spec.server).map(|(reason, message)| Problem::fix(reason, message))
 }
 
 /// Everything a token request needs: the client secret (read now), the token URL and the CA
@@ -119,7 +122,7 @@ pub async fn request(
     ctx: &Context,
     client: ClientSecret,
 ) -> Result<Result<(OwnedRequest, String), Problem>, Error> {
-    if let Some(problem) = spec_problem(ra, &ctx.allowed_servers) {
+    if let Some(problem) = spec_problem(ra, &ctx.policy) {
         return Ok(Err(problem));
     }
     let token_url = match token::token_url(&ra.spec.server, &ra.spec.realm) {
@@ -132,8 +135,12 @@ pub async fn request(
         ClientSecret::Found { read: Some(s), .. } => Some(*s),
         ClientSecret::Found { read: None, .. } => read_client_secret(ra, ctx).await?,
     };
-    let credentials = match credentials::extract(ra, secret.as_ref()) {
-        Ok(c) => c,
+    let credentials = match credentials::extract(ra, secret.as_ref(), &ctx.digest_key) {
+        Ok((credentials, fingerprint)) => {
+            let key = Key::new(&namespace, &ra.spec.client_secret_ref.name);
+            ctx.index.set_fingerprint(key, Arc::new(fingerprint));
+            credentials
+        }
         Err(problem) => return Ok(Err(problem)),
     };
     let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace, ctx.api_timeout).await? {

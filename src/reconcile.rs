@@ -15,15 +15,17 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::api::{Guarded, RegistryAccess};
 use crate::decide::{self, Decision, Inputs};
+use crate::digest_key::DigestKey;
 use crate::failure::{Error, Problem, reason};
 use crate::index::{Index, Key};
 use crate::issuer::{Issuer, Job};
 use crate::metrics::Metrics;
-use crate::read::{self, ClientSecret};
+use crate::policy::Policy;
+use crate::read;
 use crate::secret::{self, HeldToken, MANAGER, Observed};
 use crate::state::{Completed, Known, States};
 use crate::status::{self, StatusInputs};
-use crate::{apply, report};
+use crate::{apply, report, schedule};
 
 /// A conflicting Secret is looked at again at least this often (its deletion also triggers).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
@@ -44,29 +46,44 @@ pub struct Context {
     pub issuer: Arc<Issuer>,
     /// This operator instance's name in Events (the pod name in a cluster).
     pub instance: String,
-    pub allowed_servers: Vec<String>,
+    pub policy: Policy,
+    /// Key of the client secret fingerprints.
+    pub digest_key: DigestKey,
+    /// The longest a pod's mounted Secret lags an update (the kubelet's sync): a token renewed
+    /// with less validity left than this may expire in a pod before the pod sees its successor.
+    pub mount_delay: Duration,
     undecodable: Mutex<HashSet<Key>>,
+}
+
+/// What a [`Context`] is made of, besides the shared handles.
+pub struct Settings {
+    pub api_timeout: Duration,
+    pub policy: Policy,
+    pub digest_key: DigestKey,
+    pub mount_delay: Duration,
+    /// This operator instance's name in Events; the operator's name when `None`.
+    pub instance: Option<String>,
 }
 
 impl Context {
     pub fn new(
         client: Client,
-        api_timeout: Duration,
         metrics: Arc<Metrics>,
         states: Arc<States>,
         issuer: Arc<Issuer>,
-        allowed_servers: Vec<String>,
-        instance: Option<String>,
+        settings: Settings,
     ) -> Self {
         Self {
-            instance: instance.unwrap_or_else(|| MANAGER.to_owned()),
+            instance: settings.instance.unwrap_or_else(|| MANAGER.to_owned()),
             client,
-            api_timeout,
+            api_timeout: settings.api_timeout,
             metrics,
             states,
             index: Arc::new(Index::default()),
             issuer,
-            allowed_servers,
+            policy: settings.policy,
+            digest_key: settings.digest_key,
+            mount_delay: settings.mount_delay,
             undecodable: Mutex::new(HashSet::new()),
         }
     }
@@ -136,7 +153,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     let token = read::token_secret(ra, ctx).await?;
     let client = read::client_secret(ra, ctx).await?;
     let inputs = client.inputs(ra);
-    let client_missing = matches!(client, ClientSecret::Missing);
+    let client_problem = client.problem(ra);
 
     // 2. Decide.
     let now = Timestamp::now();
@@ -193,7 +210,6 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
         }
     };
 
-    // 4. Report.
     let held = match &step {
         Step::Attempted { after, .. } => after.held.clone(),
         _ => match &token.observed {
@@ -201,6 +217,13 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
             _ => None,
         },
     };
+    // Once the Secret of the current spec.secret.name holds a valid token, a token Secret this
+    // object controlled under a former name is retired.
+    if held.as_ref().is_some_and(|t| t.expires_at > now) && !matches!(step, Step::Conflict) {
+        retire_former(ra, ctx, &secret_name).await?;
+    }
+
+    // 4. Report.
     let failure = match &step {
         Step::Attempted { after, .. } => after.failure.clone(),
         _ => failure,
@@ -210,12 +233,9 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     // outcome is known.
     let failure = if matches!(step, Step::Pending { .. }) { failure } else { failure.filter(|f| f.inputs == inputs) };
     let conflict = matches!(step, Step::Conflict);
-    let upcoming = match read::spec_problem(ra, &ctx.allowed_servers) {
-        Some(problem) => Some(problem),
-        None if client_missing => Some(crate::credentials::not_found(ra)),
-        None => None,
-    };
+    let upcoming = read::spec_problem(ra, &ctx.policy).or(client_problem);
     let plan = held.as_ref().map(|t| decide::plan_for(t, renew_before, &uid));
+    let timing = plan.as_ref().and_then(|p| schedule::timing_warning(p, renew_before, ctx.mount_delay));
     let status = status::build(&StatusInputs {
         now,
         generation: ra.metadata.generation,
@@ -225,6 +245,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
         conflict,
         failure: failure.as_ref(),
         upcoming: upcoming.as_ref().map(|p| (p.reason, p.message.as_str())),
+        timing: timing.as_ref().map(|(r, m)| (*r, m.as_str())),
         previous: ra.status.as_ref(),
     });
     let ready = held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict;
@@ -267,6 +288,22 @@ async fn keep(ra: &RegistryAccess, ctx: &Context, token: &read::TokenSecret) -> 
     Ok(())
 }
 
+/// Retires the token Secrets this object controls under another name than `current` (it was
+/// renamed in spec.secret.name): their token is removed, so no valid token is left behind that
+/// nobody refreshes. The husk stays until the object is deleted (garbage collection), so the
+/// operator needs no right to delete Secrets.
+async fn retire_former(ra: &RegistryAccess, ctx: &Context, current: &str) -> Result<(), Error> {
+    let namespace = ra.namespace().unwrap_or_default();
+    for former in ctx.index.token_secrets_of(&ra.uid().unwrap_or_default()) {
+        if former.name == current || former.namespace != namespace {
+            continue;
+        }
+        info!(secret = %former.name, now = %current, "retiring the former token Secret");
+        apply::retire_secret(ctx, ra, &former.name, current).await?;
+    }
+    Ok(())
+}
+
 /// Writes the outcome of a finished request.
 async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Completed) -> Result<Step, Error> {
     let uid = i.jitter_seed;
@@ -293,6 +330,7 @@ async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Complet
         Err(e) => {
             // A token that cannot be stored is a failure like any other: it gets a reason and a
             // retry, the previous token stays, and the new one is written on the next try.
+            // The message is ours and the API's status only (see `failure::api_summary`).
             let problem = Problem::transient(reason::SECRET_WRITE_FAILED, e.to_string());
             ctx.states.keep_completed(uid, Completed { inputs: done.inputs, result: Ok(token) });
             Ok(failed(ctx, i, uid, &problem))

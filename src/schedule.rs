@@ -8,8 +8,14 @@ use jiff::{SignedDuration, Timestamp};
 /// Share of the lifetime renewed ahead by default: a Secret mounted as a volume reaches the pod
 /// within the kubelet's sync period (60-90 s), so a 300 s token needs ~100 s of slack.
 pub const DEFAULT_RENEW_FRACTION: f64 = 1.0 / 3.0;
-/// Share of the lifetime used when `renewBefore` is not shorter than the lifetime.
-pub const FALLBACK_RENEW_FRACTION: f64 = 0.5;
+/// A token is renewed no sooner than this share of its lifetime after it was issued...
+pub const MIN_RENEW_INTERVAL_FRACTION: f64 = 0.25;
+/// ...and no sooner than this (capped at half the lifetime), so that no `renewBefore` makes an
+/// object ask Keycloak every second: a `renewBefore` leaving less is reduced to leave this much.
+pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest a pod's mounted Secret shows an old value after an update by default: the
+/// kubelet resyncs each pod every 1 to 1.5 times its `syncFrequency` (60 s by default).
+pub const DEFAULT_MOUNT_DELAY: Duration = Duration::from_secs(90);
 /// Jitter makes a renewal earlier by up to this share of the lifetime...
 pub const MAX_JITTER_FRACTION: f64 = 0.05;
 /// ...and by no more than this, so objects created together spread out without renewing much
@@ -32,8 +38,17 @@ pub struct RenewPlan {
     pub renew_at: Timestamp,
     /// The renew-before interval in effect (before jitter).
     pub renew_before: SignedDuration,
-    /// The requested `renewBefore` was not shorter than the lifetime: half the lifetime is used.
+    /// The requested `renewBefore` left less than the minimum interval between renewals: the
+    /// longest renew-before that leaves it is used instead.
     pub fell_back: bool,
+    /// The token's lifetime.
+    pub lifetime: SignedDuration,
+}
+
+/// The shortest interval between a token's issue and its renewal.
+pub fn min_renew_interval(lifetime: SignedDuration) -> SignedDuration {
+    let floor = SignedDuration::try_from(MIN_RENEW_INTERVAL).unwrap_or(SignedDuration::ZERO);
+    lifetime.mul_f64(MIN_RENEW_INTERVAL_FRACTION).max(floor).min(lifetime / 2)
 }
 
 /// Plans the renewal of a token issued at `issued_at` that expires at `expires_at`.
@@ -48,18 +63,65 @@ pub fn plan_renewal(
 ) -> RenewPlan {
     let lifetime = expires_at.duration_since(issued_at);
     if lifetime <= SignedDuration::ZERO {
-        return RenewPlan { renew_at: issued_at, renew_before: SignedDuration::ZERO, fell_back: false };
+        return RenewPlan { renew_at: issued_at, renew_before: SignedDuration::ZERO, fell_back: false, lifetime };
     }
+    let min_interval = min_renew_interval(lifetime);
+    let longest = lifetime - min_interval;
     let (before, fell_back) = match renew_before.and_then(|d| SignedDuration::try_from(d).ok()) {
-        Some(d) if d < lifetime => (d, false),
-        Some(_) => (lifetime.mul_f64(FALLBACK_RENEW_FRACTION), true),
+        Some(d) if d <= longest => (d, false),
+        Some(_) => (longest, true),
         None => (lifetime.mul_f64(DEFAULT_RENEW_FRACTION), false),
     };
     let window =
         lifetime.mul_f64(MAX_JITTER_FRACTION).min(SignedDuration::try_from(MAX_JITTER).unwrap_or(SignedDuration::ZERO));
-    // Jitter never moves the renewal before the issue time.
-    let jitter = window.mul_f64(jitter.clamp(0.0, 1.0)).min(lifetime - before);
-    RenewPlan { renew_at: expires_at - before - jitter, renew_before: before, fell_back }
+    // Jitter never shortens the interval since the issue below the minimum.
+    let room = (lifetime - before - min_interval).max(SignedDuration::ZERO);
+    let jitter = window.mul_f64(jitter.clamp(0.0, 1.0)).min(room);
+    RenewPlan { renew_at: expires_at - before - jitter, renew_before: before, fell_back, lifetime }
+}
+
+/// What is wrong with a renewal plan, if anything, as a reason and a message: `renewBefore` had
+/// to be reduced, or the validity left at renewal is shorter than `mount_delay` (pods reading the
+/// token from a volume may read an expired one). `mount_delay` zero checks only the former.
+pub fn timing_warning(
+    plan: &RenewPlan,
+    requested: Option<Duration>,
+    mount_delay: Duration,
+) -> Option<(&'static str, String)> {
+    use crate::failure::reason;
+    let secs = |d: SignedDuration| d.as_secs_f64().round() as i64;
+    let slack = secs(plan.renew_before);
+    let mount = mount_delay.as_secs_f64().round() as i64;
+    let short = !mount_delay.is_zero() && plan.renew_before < SignedDuration::try_from(mount_delay).unwrap_or_default();
+    let advice = |m: &mut String| {
+        if short {
+            m.push_str(&format!(
+                "; that leaves less than the {mount}s a pod's mounted Secret can take to show a new token (the \
+                 kubelet's sync period), so pods reading it from a volume may read an expired token: ask Keycloak \
+                 for tokens that live at least {}s (the client's Access Token Lifespan) and set spec.renewBefore to \
+                 at least {mount}s, or read the Secret through the Kubernetes API",
+                mount * 4 / 3 + 1
+            ));
+        }
+    };
+    if plan.fell_back {
+        let requested = requested.map(|d| d.as_secs()).unwrap_or_default();
+        let mut m = format!(
+            "spec.renewBefore {requested}s leaves less than {}s between a token's issue and its renewal (the \
+             minimum: a quarter of the {}s lifetime, at least 5s), so tokens are renewed {slack}s before they expire \
+             instead",
+            secs(min_renew_interval(plan.lifetime)),
+            secs(plan.lifetime)
+        );
+        advice(&mut m);
+        return Some((reason::RENEW_BEFORE_ADJUSTED, m));
+    }
+    if short {
+        let mut m = format!("tokens are renewed {slack}s before they expire (of a {}s lifetime)", secs(plan.lifetime));
+        advice(&mut m);
+        return Some((reason::RENEW_BEFORE_TOO_SHORT, m));
+    }
+    None
 }
 
 /// When to try again after the `attempts`-th failure in a row at `now`.
@@ -122,10 +184,43 @@ mod tests {
     }
 
     #[test]
-    fn renew_before_not_shorter_than_lifetime_falls_back_to_half() {
+    fn renewals_keep_a_minimum_interval() {
+        // Just under the lifetime: renewed a quarter of the lifetime after issue, not every second.
+        let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(299)), 0.9);
+        assert_eq!(p.renew_at, t(75));
+        assert!(p.fell_back);
+        // A 12 s token: at least 5 s between issue and renewal.
+        let p = plan_renewal(t(0), t(12), Some(Duration::from_secs(11)), 0.0);
+        assert_eq!(p.renew_at, t(5));
+        // A 6 s token: half its lifetime.
+        let p = plan_renewal(t(0), t(6), Some(Duration::from_secs(6)), 0.0);
+        assert_eq!(p.renew_at, t(3));
+        // Within the limit: as asked.
+        let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(225)), 0.0);
+        assert_eq!((p.renew_at, p.fell_back), (t(75), false));
+    }
+
+    #[test]
+    fn timing_warnings_name_the_fix() {
+        let mount = DEFAULT_MOUNT_DELAY;
+        let ok = plan_renewal(t(0), t(300), None, 0.0);
+        assert_eq!(timing_warning(&ok, None, mount), None);
+        let short = plan_renewal(t(0), t(20), Some(Duration::from_secs(8)), 0.0);
+        let (why, m) = timing_warning(&short, Some(Duration::from_secs(8)), mount).unwrap();
+        assert_eq!(why, crate::failure::reason::RENEW_BEFORE_TOO_SHORT);
+        assert!(m.contains("renewed 8s before") && m.contains("90s") && m.contains("at least 121s"), "{m}");
+        assert_eq!(timing_warning(&short, Some(Duration::from_secs(8)), Duration::ZERO), None, "0 turns it off");
+        let adjusted = plan_renewal(t(0), t(300), Some(Duration::from_secs(600)), 0.0);
+        let (why, m) = timing_warning(&adjusted, Some(Duration::from_secs(600)), mount).unwrap();
+        assert_eq!(why, crate::failure::reason::RENEW_BEFORE_ADJUSTED);
+        assert!(m.contains("spec.renewBefore 600s") && m.contains("renewed 225s before"), "{m}");
+    }
+
+    #[test]
+    fn renew_before_not_shorter_than_lifetime_falls_back_to_the_minimum_interval() {
         for rb in [300, 301, 10_000] {
             let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(rb)), 0.0);
-            assert_eq!(p.renew_at, t(150), "renewBefore {rb}s");
+            assert_eq!(p.renew_at, t(75), "renewBefore {rb}s");
             assert!(p.fell_back);
         }
     }

@@ -28,6 +28,9 @@ pub const SCOPE_ANNOTATION: &str = "registry-access.io/scope";
 pub const INPUTS_ANNOTATION: &str = "registry-access.io/inputs";
 /// Annotation with a SHA-256 prefix of the token, to notice a token edited by someone else.
 pub const TOKEN_DIGEST_ANNOTATION: &str = "registry-access.io/token-sha256";
+/// Annotation on a former token Secret whose token the operator removed after the object's
+/// spec.secret.name changed.
+pub const RETIRED_ANNOTATION: &str = "registry-access.io/retired";
 /// Prefix of the annotations the operator reserves for itself.
 pub const RESERVED_PREFIX: &str = "registry-access.io/";
 
@@ -100,6 +103,23 @@ pub fn build(ra: &RegistryAccess, token: &IssuedToken, inputs: &str) -> Secret {
         data: Some(data),
         ..Secret::default()
     }
+}
+
+/// The uid of the RegistryAccess whose live token Secret `meta` describes: managed by the
+/// operator, controlled by a RegistryAccess, not retired.
+pub fn token_owner(meta: &ObjectMeta) -> Option<String> {
+    let ours = meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).is_some_and(|v| v == MANAGER);
+    let retired = meta.annotations.as_ref().is_some_and(|a| a.contains_key(RETIRED_ANNOTATION));
+    if !ours || retired {
+        return None;
+    }
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| {
+            o.controller == Some(true) && o.kind == "RegistryAccess" && o.api_version.starts_with(crate::api::GROUP)
+        })
+        .map(|o| o.uid.clone())
 }
 
 /// Reads what `live` (the Secret with the target name, if any) holds for `ra`.

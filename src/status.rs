@@ -28,6 +28,9 @@ pub struct StatusInputs<'a> {
     /// A problem that will make the next refresh fail (e.g. the client Secret is gone) while the
     /// current token is still good: reported as Degraded before it bites.
     pub upcoming: Option<(&'static str, &'a str)>,
+    /// A warning about the renewal timing (see [`crate::schedule::timing_warning`]): reported as
+    /// Degraded while nothing worse is.
+    pub timing: Option<(&'static str, &'a str)>,
     pub previous: Option<&'a RegistryAccessStatus>,
 }
 
@@ -43,7 +46,7 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
             m.push_str(&format!("; next refresh at {}", rfc3339(p.renew_at)));
             if p.fell_back {
                 m.push_str(&format!(
-                    "; renewBefore is not shorter than the token lifetime, renewing {}s before expiry (half the lifetime) instead",
+                    "; renewBefore leaves too little time between renewals, renewing {}s before expiry instead",
                     p.renew_before.as_secs()
                 ));
             }
@@ -76,6 +79,10 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
                     "{message}; the current token stays in place, but the next refresh will fail unless this is fixed"
                 ),
             )
+        }
+        (None, _) if valid.is_some() && i.timing.is_some() => {
+            let (reason, message) = i.timing.unwrap_or_default();
+            (true, reason, message.to_owned())
         }
         (None, _) => (false, reason::REFRESH_SUCCEEDED, "the last token request succeeded".to_owned()),
     };
@@ -163,8 +170,22 @@ mod tests {
             conflict: false,
             failure,
             upcoming: None,
+            timing: None,
             previous: None,
         }
+    }
+
+    #[test]
+    fn a_timing_warning_is_degraded_while_nothing_worse_is() {
+        let t = token(T0, T0 + 300);
+        let mut i = inputs(10, Some(&t), None);
+        i.timing = Some((reason::RENEW_BEFORE_TOO_SHORT, "renewed 8s before"));
+        let s = build(&i);
+        assert_eq!(cond(&s, READY).0, "True");
+        assert_eq!(cond(&s, DEGRADED), ("True", reason::RENEW_BEFORE_TOO_SHORT, "renewed 8s before"));
+        let f = failure(reason::KEYCLOAK_UNAVAILABLE);
+        i.failure = Some(&f);
+        assert_eq!(cond(&build(&i), DEGRADED).1, reason::KEYCLOAK_UNAVAILABLE, "a failure comes first");
     }
 
     fn failure(reason: &'static str) -> Failure {
@@ -262,8 +283,8 @@ mod tests {
         let mut i = inputs(10, Some(&t), None);
         i.plan = Some(plan_renewal(t.issued_at, t.expires_at, Some(std::time::Duration::from_secs(400)), 0.0));
         let s = build(&i);
-        assert!(cond(&s, READY).2.contains("half the lifetime"), "{}", cond(&s, READY).2);
-        assert_eq!(s.renew_at, Some(Time(at(150))));
+        assert!(cond(&s, READY).2.contains("renewing 225s before expiry instead"), "{}", cond(&s, READY).2);
+        assert_eq!(s.renew_at, Some(Time(at(75))));
     }
 
     #[test]

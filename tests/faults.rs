@@ -338,7 +338,7 @@ async fn sigkill_mid_batch_loses_nothing(env: Arc<Env>) -> Result<()> {
     k8s::create_namespace(&client, ns).await?;
     let client_id = unique("kill");
     let kc = env.keycloak.create_client(REALM, &client_id, None, true).await?;
-    k8s::put_secret(&client, ns, "creds", &[("client_secret", &kc.secret)]).await?;
+    k8s::put_client_secret(&client, ns, "creds", &[("client_secret", &kc.secret)]).await?;
     let spec = json!({"server": env.keycloak.base_url, "realm": REALM, "clientId": client_id, "clientSecretRef": {"name": "creds"}});
     for i in 0..OBJECTS {
         k8s::apply_ra(&client, ns, &format!("ra-{i:02}"), spec.clone()).await?;

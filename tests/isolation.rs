@@ -211,7 +211,7 @@ async fn a_busy_namespace_does_not_delay_another(env: Arc<Env>) -> Result<()> {
     let quiet_client = unique("quiet");
     let info = c.kc().create_client(REALM, &quiet_client, None, true).await?;
     c.sensitive(&info.secret);
-    k8s::put_secret(&c.client, quiet, "creds", &[("client_secret", &info.secret)]).await?;
+    k8s::put_client_secret(&c.client, quiet, "creds", &[("client_secret", &info.secret)]).await?;
 
     let t = Instant::now();
     let busy: Vec<String> = (0..BUSY).map(|i| format!("ra-{i:03}")).collect();

@@ -34,13 +34,18 @@ impl Case {
     }
 
     pub async fn with_operator_args(env: Arc<Env>, name: &str, extra: &[&str]) -> Result<Self> {
+        Self::with_operator_env(env, name, extra, &[]).await
+    }
+
+    /// A case whose operator gets `extra` arguments and `envs` environment variables.
+    pub async fn with_operator_env(env: Arc<Env>, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
         let client = env.cluster.client().await?;
         let ns = format!("e2e-{name}");
         k8s::create_namespace(&client, &ns).await?;
         let mut args = vec!["--namespace", ns.as_str()];
         args.extend_from_slice(extra);
-        let operator =
-            Operator::start(&env.cluster.kubeconfig, &env.path().join(format!("operator-{name}.log")), &args)?;
+        let log = env.path().join(format!("operator-{name}.log"));
+        let operator = Operator::start_with_env(&env.cluster.kubeconfig, &log, &args, envs)?;
         Ok(Self { env, client, ns, operator, sensitive: Mutex::new(BTreeSet::new()) })
     }
 
@@ -65,7 +70,7 @@ impl Case {
     /// A client Secret holding `secret` under the default key.
     pub async fn client_secret(&self, name: &str, secret: &str) -> Result<()> {
         self.sensitive(secret);
-        k8s::put_secret(&self.client, &self.ns, name, &[("client_secret", secret)]).await
+        k8s::put_client_secret(&self.client, &self.ns, name, &[("client_secret", secret)]).await
     }
 
     pub async fn ra(&self, name: &str, spec: Value) -> Result<()> {

@@ -8,7 +8,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use registry_access_operator::api::{RegistryAccess, RegistryAccessStatus};
+use registry_access_operator::api::{CLIENT_SECRET_LABEL, RegistryAccess, RegistryAccessStatus};
 use serde_json::Value;
 
 use super::Result;
@@ -26,6 +26,18 @@ pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
 pub async fn put_secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) -> Result<()> {
     let mut s = Secret::default();
     s.metadata.name = Some(name.to_owned());
+    s.data = Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect());
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&s)).await?;
+    Ok(())
+}
+
+/// Creates or replaces a client Secret: [`put_secret`] with the opt-in label that lets the
+/// operator send its value to Keycloak.
+pub async fn put_client_secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) -> Result<()> {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.to_owned());
+    s.metadata.labels = Some([(CLIENT_SECRET_LABEL.to_owned(), "true".to_owned())].into());
     s.data = Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect());
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&s)).await?;

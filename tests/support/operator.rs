@@ -55,7 +55,10 @@ impl Operator {
         if !self.args.iter().any(|a| a.starts_with("--log-level")) {
             cmd.arg("--log-level=info,registry_access_operator=debug");
         }
-        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)))
+        // The test Keycloak serves plain http on loopback; a test of the https-only default
+        // passes ALLOW_INSECURE_HTTP=false in its environment.
+        cmd.env("ALLOW_INSECURE_HTTP", "true")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .args(&self.args)
             .env_remove("KUBECONFIG")
             .env_remove("WATCH_NAMESPACE");
