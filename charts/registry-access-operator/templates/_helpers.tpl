@@ -62,10 +62,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 
-{{/* True when leader election is on: explicitly, or by default with more than one replica. */}}
+{{/* True when leader election is on: true, or "auto" with more than one replica. */}}
 {{- define "rao.leaderElection" -}}
 {{- $e := .Values.leaderElection.enabled -}}
 {{- if eq (toString $e) "auto" -}}
 {{- if gt (int .Values.replicaCount) 1 -}}true{{- end -}}
 {{- else if $e -}}true{{- end -}}
+{{- end -}}
+
+{{/* The operator image: repository@digest when a digest is set, else repository:tag. */}}
+{{- define "rao.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the Secret that holds the operator's key for client-secret digests. */}}
+{{- define "rao.digestKeySecret" -}}
+{{- printf "%s-digest-key" (include "rao.fullname" .) -}}
 {{- end -}}
