@@ -114,13 +114,34 @@ pub enum Error {
 pub fn api_summary(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(status) => {
-            let word = &status.reason;
-            let word = if !word.is_empty() && word.len() <= 64 && word.chars().all(|c| c.is_ascii_alphanumeric()) {
-                format!(" ({word})")
-            } else {
-                String::new()
+            let mut words: Vec<String> = Vec::new();
+            if is_word(&status.reason) {
+                words.push(status.reason.clone());
+            }
+            // Field paths name the part of the object refused (e.g. `type`); they are kept only
+            // when they look like a field path.
+            let fields: Vec<&str> = status
+                .details
+                .iter()
+                .flat_map(|d| d.causes.iter())
+                .map(|c| c.field.as_str())
+                .filter(|f| is_field_path(f))
+                .take(3)
+                .collect();
+            if !fields.is_empty() {
+                words.push(format!("field {}", fields.join(", ")));
+            }
+            let words = if words.is_empty() { String::new() } else { format!(" ({})", words.join("; ")) };
+            let hint = match status.code {
+                401 | 403 => ": the operator lacks a permission (see the README's RBAC table)",
+                404 => ": it does not exist (any more)",
+                409 => ": it was changed at the same time; retried",
+                422 => ": the object cannot be changed that way (an immutable field, such as a Secret's type)",
+                429 => ": the Kubernetes API is throttling; retried",
+                500..=599 => ": the Kubernetes API failed; retried",
+                _ => "",
             };
-            format!("the Kubernetes API refused it: HTTP {}{word}", status.code)
+            format!("the Kubernetes API refused it: HTTP {}{words}{hint}", status.code)
         }
         kube::Error::Service(_) | kube::Error::HyperError(_) => {
             "the Kubernetes API did not answer (connection failed or timed out)".to_owned()
@@ -143,6 +164,18 @@ pub async fn within<T>(
         Ok(result) => result,
         Err(_) => Err(kube::Error::Service(format!("no answer from the Kubernetes API within {limit:?}").into())),
     }
+}
+
+/// A reason word of the API's fixed vocabulary (`Forbidden`, `Invalid`, ...).
+fn is_word(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// A field path such as `type`, `metadata.labels` or `data[key]`.
+fn is_field_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '[' | ']' | '_' | '-' | '/'))
 }
 
 impl Error {
@@ -174,9 +207,33 @@ mod tests {
         let e =
             Error::ApplySecret { namespace: "ns".into(), name: "s".into(), source: kube::Error::Api(Box::new(status)) };
         let text = e.to_string();
-        assert_eq!(text, "writing token Secret ns/s: the Kubernetes API refused it: HTTP 403 (Forbidden)");
-        let odd = kube::core::Status { code: 400, reason: "Bad <b>".into(), ..Default::default() };
-        assert_eq!(api_summary(&kube::Error::Api(Box::new(odd))), "the Kubernetes API refused it: HTTP 400");
+        assert_eq!(
+            text,
+            "writing token Secret ns/s: the Kubernetes API refused it: HTTP 403 (Forbidden): the operator lacks a \
+             permission (see the README's RBAC table)"
+        );
+        assert!(!text.contains("webhook"));
+        let cause = |field: &str| kube::core::response::StatusCause {
+            field: field.into(),
+            message: "field is immutable <object content>".into(),
+            reason: "FieldValueInvalid".into(),
+        };
+        let odd = kube::core::Status {
+            code: 422,
+            reason: "Bad <b>".into(),
+            details: Some(kube::core::response::StatusDetails {
+                name: "s".into(),
+                group: String::new(),
+                kind: "secrets".into(),
+                uid: String::new(),
+                causes: vec![cause("type"), cause("<script>")],
+                retry_after_seconds: 0,
+            }),
+            ..Default::default()
+        };
+        let text = api_summary(&kube::Error::Api(Box::new(odd)));
+        assert!(text.starts_with("the Kubernetes API refused it: HTTP 422 (field type): "), "{text}");
+        assert!(!text.contains('<'), "{text}");
     }
 
     #[test]
