@@ -363,6 +363,12 @@ async fn metrics_and_events_follow_tokens_and_failures(env: Arc<Env>) -> Result<
     // Fixed: recovered, announced once.
     c.client_secret("creds", &client.secret).await?;
     wait_condition(&c.client, &c.ns, "obs", "Degraded", "False", "RefreshSucceeded", Duration::from_secs(20)).await?;
+    // The Events of a transition are written right after its status.
+    wait_until("the Recovered Event", Duration::from_secs(5), || async {
+        events_of(&c).await.is_ok_and(|e| e.iter().any(|(_, r)| r == "Recovered"))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let events = events_of(&c).await?;
     let reasons: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(reasons, ["TokenIssued", "InvalidClientCredentials", "Recovered"], "{events:?}");
