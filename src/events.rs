@@ -59,12 +59,15 @@ pub fn notices(previous: Option<&RegistryAccessStatus>, next: &RegistryAccessSta
             }
         }
         _ => {
-            if was_degraded && issued {
-                out.push(Notice {
-                    severity: Severity::Normal,
-                    reason: "Recovered".into(),
-                    note: "a token was issued again after failures".into(),
-                });
+            // Recovered: by a new token, or because the cause went away (a client secret put
+            // back to the value the current token was issued with needs no new token).
+            if was_degraded {
+                let note = if issued {
+                    "a token was issued again after failures"
+                } else {
+                    "the problem reported is gone; the current token stays"
+                };
+                out.push(Notice { severity: Severity::Normal, reason: "Recovered".into(), note: note.into() });
             }
         }
     }
@@ -156,6 +159,10 @@ mod tests {
         assert!(notices(Some(&failing), &failing, false).is_empty(), "each retry is not an Event");
         assert_eq!(reasons(notices(Some(&failing), &other, false)), ["InvalidClientCredentials"]);
         assert_eq!(reasons(notices(Some(&other), &ready, true)), ["Recovered"]);
+        // Fixed without a new token (the client secret put back): recovered all the same.
+        let recovered = notices(Some(&other), &ready, false);
+        assert_eq!(reasons(recovered.clone()), ["Recovered"]);
+        assert!(recovered[0].note.contains("current token stays"));
     }
 
     #[test]

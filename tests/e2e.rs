@@ -360,7 +360,8 @@ async fn metrics_and_events_follow_tokens_and_failures(env: Arc<Env>) -> Result<
     let warnings = events_of(&c).await?.into_iter().filter(|e| e.0 == "Warning").count();
     assert_eq!(warnings, 1, "{:?}", events_of(&c).await?);
 
-    // Fixed: recovered, announced once.
+    // Fixed (the value the current token was issued with): recovered, announced once, no new
+    // token needed.
     c.client_secret("creds", &client.secret).await?;
     wait_condition(&c.client, &c.ns, "obs", "Degraded", "False", "RefreshSucceeded", Duration::from_secs(20)).await?;
     // The Events of a transition are written right after its status.
