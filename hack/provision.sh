@@ -111,7 +111,9 @@ build_helm() {
 
 fetch_keycloak() {
   local home="$cache/keycloak-$KEYCLOAK_VERSION"
-  fresh keycloak "$KEYCLOAK_VERSION" && [[ -x "$home/bin/kc.sh" ]] && return 0
+  # One stamp per version: checkouts pinning different Keycloak versions share the cache without
+  # fetching again, or removing, each other's distribution.
+  fresh "keycloak-$KEYCLOAK_VERSION" "$KEYCLOAK_VERSION" && [[ -x "$home/bin/kc.sh" ]] && return 0
   need mvn "Maven fetches Keycloak from Maven Central"
   need unzip "unzip unpacks Keycloak"
   log "fetching Keycloak $KEYCLOAK_VERSION from Maven Central"
@@ -123,7 +125,7 @@ fetch_keycloak() {
   unzip -q "$dl/keycloak-quarkus-dist-$KEYCLOAK_VERSION.zip" -d "$cache/build/keycloak-unpack"
   mv "$cache/build/keycloak-unpack/keycloak-$KEYCLOAK_VERSION" "$home"
   rm -rf "$cache/build/keycloak-unpack"
-  stamp keycloak "$KEYCLOAK_VERSION"
+  stamp "keycloak-$KEYCLOAK_VERSION" "$KEYCLOAK_VERSION"
 }
 
 install_hadolint() {

@@ -851,6 +851,54 @@ async fn too_short_slack_is_warned(env: Arc<Env>) -> Result<()> {
     c.finish().await
 }
 
+/// The environment itself, without the operator: Keycloak accepts as client credentials a
+/// ServiceAccount token from the cluster's TokenRequest API (`federated-jwt`, the realm's
+/// Kubernetes identity provider reading the API server's keys anonymously over TLS), and
+/// assertions signed with an EC and an RSA private key (`client-jwt`) or with a client secret
+/// (`client-secret-jwt`); no client_id is sent.
+async fn environment_supports_secretless_client_authentication(env: Arc<Env>) -> Result<()> {
+    use support::pki::{ClientKeyType, client_key};
+    let kc = &env.keycloak;
+    let audience = kc.issuer(REALM);
+    let client = env.cluster.client().await?;
+    let ns = "e2e-secretless-environment";
+    k8s::create_namespace(&client, ns).await?;
+    k8s::create_service_account(&client, ns, "registry-client").await?;
+
+    // A grant with `assertion`, verified; checks the token's `azp` and Keycloak's recorded method.
+    let grant = |client_id: String, assertion: String, method: &'static str| async move {
+        let response = kc.grant_with_assertion(REALM, &assertion).await?;
+        let claims = verified_claims(kc, response["access_token"].as_str().ok_or("no access_token")?).await?;
+        assert_eq!(claims["azp"], client_id.as_str(), "{method}");
+        let roles = claims["realm_access"]["roles"].as_array().cloned().unwrap_or_default();
+        assert!(roles.iter().any(|r| r == ROLE), "{method}: roles {roles:?}");
+        let events = kc.grant_events(REALM, &client_id).await?;
+        assert_eq!(events.len(), 1, "{method}: {events:?}");
+        assert_eq!(events[0]["details"]["client_auth_method"], method, "{events:?}");
+        Result::Ok(())
+    };
+
+    let federated = unique("federated");
+    kc.create_federated_client(REALM, &federated, ns, "registry-client", None).await?;
+    let sa_token = k8s::service_account_token(&client, ns, "registry-client", &audience, 600).await?;
+    grant(federated, sa_token, "federated-jwt").await?;
+
+    for key_type in [ClientKeyType::EcP256, ClientKeyType::Rsa2048] {
+        let key = client_key(key_type, "registry-client")?;
+        let client_id = unique(&format!("{key_type:?}").to_lowercase());
+        kc.create_private_key_jwt_client(REALM, &client_id, &key, None).await?;
+        let assertion = keycloak::client_assertion(&client_id, &audience, key.algorithm(), &key.encoding_key()?)?;
+        grant(client_id, assertion, "client-jwt").await?;
+    }
+
+    let client_id = unique("secret-jwt");
+    let info = kc.create_client_secret_jwt_client(REALM, &client_id, None).await?;
+    let secret = jsonwebtoken::EncodingKey::from_secret(info.secret.as_bytes());
+    let assertion = keycloak::client_assertion(&client_id, &audience, jsonwebtoken::Algorithm::HS256, &secret)?;
+    grant(client_id, assertion, "client-secret-jwt").await?;
+    Ok(())
+}
+
 fn main() {
     // Most of a test is waiting for tokens to age: run several at once.
     support::harness::run(
@@ -875,6 +923,7 @@ fn main() {
             only_a_new_client_secret_value_issues_a_token,
             renaming_the_token_secret_retires_the_old_one,
             too_short_slack_is_warned,
+            environment_supports_secretless_client_authentication,
         ],
         4,
     )

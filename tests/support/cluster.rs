@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::Api;
+use kube::api::PostParams;
 
 use super::Result;
 use super::pki::{self, Ca, Pair};
@@ -21,6 +24,30 @@ const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,ser
      clusterrole-aggregation-controller";
 /// Time allowed for each component to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The ClusterRoleBinding that lets anyone read the service account issuer's discovery document
+/// and keys (the built-in ClusterRole `system:service-account-issuer-discovery`), as a cluster
+/// does for an identity provider outside it: Keycloak fetches them anonymously.
+pub const ISSUER_DISCOVERY_BINDING: &str = "e2e-service-account-issuer-discovery";
+
+/// The cluster's certificate authority, made before anything starts so that Keycloak, started
+/// at the same time as the cluster, can trust the API server (it fetches the service account
+/// issuer's discovery document and keys over TLS).
+pub struct ClusterCa {
+    ca: Ca,
+    /// The CA certificate, PEM (`<dir>/ca.crt`).
+    pub file: PathBuf,
+}
+
+impl ClusterCa {
+    /// Creates the CA and writes its certificate to `<dir>/ca.crt`.
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ca = Ca::new("registry-access-e2e-ca")?;
+        let file = dir.join("ca.crt");
+        std::fs::write(&file, &ca.cert)?;
+        Ok(Self { ca, file })
+    }
+}
 
 pub struct Cluster {
     pub dir: PathBuf,
@@ -29,6 +56,8 @@ pub struct Cluster {
     /// Kubeconfig of a cluster admin (group system:masters).
     pub kubeconfig: PathBuf,
     pub ca_pem: String,
+    /// The CA certificate file (PEM), also Keycloak's trust store.
+    pub ca_file: PathBuf,
     etcd_port: u16,
     // Behind locks so that a test holding the shared environment can restart them.
     etcd: std::sync::Mutex<Proc>,
@@ -37,15 +66,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub async fn start(bin: &Path, dir: &Path) -> Result<Self> {
+    /// Starts etcd and kube-apiserver in `dir` (where `ca` wrote its certificate). The service
+    /// account issuer is the API server's own URL, its discovery document and keys readable
+    /// anonymously.
+    pub async fn start(bin: &Path, dir: &Path, ca: ClusterCa) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let ca = Ca::new("registry-access-e2e-ca")?;
+        let ClusterCa { ca, file: ca_file } = ca;
         let write = |name: &str, content: &str| -> Result<PathBuf> {
             let p = dir.join(name);
             std::fs::write(&p, content)?;
             Ok(p)
         };
-        let ca_file = write("ca.crt", &ca.cert)?;
         let serving = ca.server(&["localhost", "127.0.0.1", "10.0.0.1", "kubernetes", "kubernetes.default.svc"])?;
         let serving_cert = write("apiserver.crt", &serving.cert)?;
         let serving_key = write("apiserver.key", &serving.key)?;
@@ -91,6 +122,9 @@ impl Cluster {
             .arg("--authorization-mode=RBAC")
             .arg("--allow-privileged=true")
             .arg(format!("--service-account-issuer={server}"))
+            // Without it the discovery document names the advertise address, not the loopback URL.
+            .arg(format!("--service-account-jwks-uri={server}/openid/v1/jwks"))
+            .arg("--anonymous-auth=true")
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
             .arg("--v=1");
@@ -107,14 +141,34 @@ impl Cluster {
             server,
             kubeconfig,
             ca_pem: ca.cert.clone(),
+            ca_file,
             etcd_port,
             etcd: std::sync::Mutex::new(etcd),
             apiserver: std::sync::Mutex::new(apiserver),
             controller_manager: None,
         };
         cluster.wait_ready().await?;
-
+        cluster.allow_anonymous_issuer_discovery().await?;
         Ok(cluster)
+    }
+
+    /// Binds `system:service-account-issuer-discovery` to `system:unauthenticated`.
+    async fn allow_anonymous_issuer_discovery(&self) -> Result<()> {
+        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": ISSUER_DISCOVERY_BINDING},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:service-account-issuer-discovery",
+            },
+            "subjects": [{
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": "system:unauthenticated",
+            }],
+        }))?;
+        Api::<ClusterRoleBinding>::all(self.client().await?).create(&PostParams::default(), &binding).await?;
+        Ok(())
     }
 
     /// Starts kube-controller-manager. Started after the CRDs are installed, so that the garbage
@@ -122,7 +176,7 @@ impl Cluster {
     pub async fn start_controller_manager(&mut self) -> Result<()> {
         let dir = self.dir.clone();
         let (bin, kcm_kubeconfig) = (self.bin.clone(), dir.join("kcm.kubeconfig"));
-        let (sa_key, ca_file) = (dir.join("sa.key"), dir.join("ca.crt"));
+        let (sa_key, ca_file) = (dir.join("sa.key"), self.ca_file.clone());
         let kcm_port = free_port()?;
         let mut cmd = Command::new(bin.join("kube-controller-manager"));
         cmd.arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))

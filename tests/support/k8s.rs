@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use registry_access_operator::api::{CLIENT_SECRET_LABEL, RegistryAccess, RegistryAccessStatus};
@@ -20,6 +21,36 @@ pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
     Ok(())
+}
+
+pub async fn create_service_account(client: &Client, ns: &str, name: &str) -> Result<()> {
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), ns).create(&PostParams::default(), &sa).await?;
+    Ok(())
+}
+
+/// A token of the ServiceAccount `ns`/`name` from the TokenRequest API, for exactly the given
+/// audience, asking for `expiration_secs` (the API server refuses less than 600 and may give
+/// less than asked).
+pub async fn service_account_token(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    audience: &str,
+    expiration_secs: i64,
+) -> Result<String> {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(expiration_secs),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let response = api.create_token_request(name, &PostParams::default(), &request).await?;
+    let status = response.status.ok_or("TokenRequest answered without a status")?;
+    Ok(status.token)
 }
 
 /// Creates or replaces a Secret with the given string data.

@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::Result;
+use super::pki::ClientKey;
 use super::process::{Proc, free_port, wait_for};
 
 /// The realm of the platform's documented example.
@@ -20,6 +23,11 @@ pub const SHORT_LIVED: &str = "short-lived";
 pub const SHORT_LIVED_SECRET: &str = "short-lived-secret-0000000000000000";
 /// The realm role granted to the clients' service accounts.
 pub const ROLE: &str = "trembita-invoker";
+/// Alias of the realm's Kubernetes identity provider (the test cluster's service account
+/// issuer), named by federated clients in their attribute `jwt.credential.issuer`.
+pub const K8S_IDP: &str = "kubernetes";
+/// `client_assertion_type` of every signed-JWT client authentication (RFC 7523).
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const ADMIN_USER: &str = "admin";
 const ADMIN_PASSWORD: &str = "e2e-admin-password";
 /// Keycloak needs tens of seconds to start on two cores.
@@ -29,6 +37,11 @@ pub struct Keycloak {
     home: PathBuf,
     /// Serves HTTPS only, with this certificate and key (PEM files in the home directory).
     tls: bool,
+    /// Trusted CA certificates (`--truststore-paths`), e.g. the test cluster's.
+    truststore: Option<PathBuf>,
+    /// Identity providers added through the admin API (realm, representation), added again
+    /// after a restart (the database is in memory).
+    identity_providers: std::sync::Mutex<Vec<(String, Value)>>,
     http_port: u16,
     management_port: u16,
     proc: Option<Proc>,
@@ -46,13 +59,20 @@ pub struct ClientInfo {
 
 impl Keycloak {
     /// Lays out a home directory under `dir` that shares the distribution's jars and imports
-    /// `realm_file`, then starts the server.
-    pub async fn start(dist: &Path, dir: &Path, realm_file: &Path) -> Result<Self> {
-        Self::start_with(dist, dir, realm_file, None).await
+    /// `realm_file`, then starts the server, trusting the CA certificates in `truststore` (a PEM
+    /// file) for its outgoing calls when given.
+    pub async fn start(dist: &Path, dir: &Path, realm_file: &Path, truststore: Option<&Path>) -> Result<Self> {
+        Self::start_with(dist, dir, realm_file, None, truststore).await
     }
 
     /// [`Keycloak::start`], HTTPS-only with the given certificate and key (PEM) when `tls` is set.
-    pub async fn start_with(dist: &Path, dir: &Path, realm_file: &Path, tls: Option<(&str, &str)>) -> Result<Self> {
+    pub async fn start_with(
+        dist: &Path,
+        dir: &Path,
+        realm_file: &Path,
+        tls: Option<(&str, &str)>,
+        truststore: Option<&Path>,
+    ) -> Result<Self> {
         let home = dir.to_owned();
         std::fs::create_dir_all(home.join("data/import"))?;
         std::fs::create_dir_all(home.join("lib"))?;
@@ -69,7 +89,12 @@ impl Keycloak {
             std::fs::copy(dist.join(f), home.join(f))?;
         }
         copy_dir(&dist.join("conf"), &home.join("conf"))?;
-        copy_dir(&dist.join("lib/quarkus"), &home.join("lib/quarkus"))?;
+        // The start-up build step ("augmentation", about 20 s of 26.7's start on two cores) is
+        // skipped when lib/quarkus already holds a build with the same build options: start from
+        // the one saved after an earlier start, if any. Keycloak builds again when the options differ.
+        let saved = saved_build(dist);
+        let quarkus = if saved.join("quarkus-application.dat").exists() { saved } else { dist.join("lib/quarkus") };
+        copy_dir(&quarkus, &home.join("lib/quarkus"))?;
         std::fs::copy(realm_file, home.join("data/import").join(realm_file.file_name().unwrap()))?;
         if let Some((cert, key)) = tls {
             std::fs::write(home.join("tls.crt"), cert)?;
@@ -81,6 +106,8 @@ impl Keycloak {
         let mut kc = Self {
             home,
             tls: tls.is_some(),
+            truststore: truststore.map(Path::to_owned),
+            identity_providers: std::sync::Mutex::new(Vec::new()),
             http_port,
             management_port,
             proc: None,
@@ -93,11 +120,12 @@ impl Keycloak {
             base_url: format!("{scheme}://127.0.0.1:{http_port}/auth"),
         };
         kc.start_again().await?;
+        save_build(dist, &kc.home.join("lib/quarkus"));
         Ok(kc)
     }
 
     /// Starts the server (again) on the same ports. The database is in memory: a restart
-    /// re-imports the realm file.
+    /// re-imports the realm file and the identity providers are added again.
     pub async fn start_again(&mut self) -> Result<()> {
         let mut cmd = Command::new(self.home.join("bin/kc.sh"));
         cmd.arg("start-dev").arg("--http-host=127.0.0.1");
@@ -108,6 +136,9 @@ impl Keycloak {
                 .arg(format!("--https-certificate-key-file={}", self.home.join("tls.key").display()));
         } else {
             cmd.arg(format!("--http-port={}", self.http_port));
+        }
+        if let Some(t) = &self.truststore {
+            cmd.arg(format!("--truststore-paths={}", t.display()));
         }
         cmd.arg("--http-relative-path=/auth")
             .arg(format!("--http-management-port={}", self.management_port))
@@ -131,6 +162,10 @@ impl Keycloak {
             proc.check_alive()?;
             return Err(e);
         }
+        let providers = self.identity_providers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (realm, provider) in providers {
+            self.post_identity_provider(&realm, provider).await?;
+        }
         Ok(())
     }
 
@@ -143,6 +178,12 @@ impl Keycloak {
 
     pub fn token_url(&self, realm: &str) -> String {
         format!("{}/realms/{realm}/protocol/openid-connect/token", self.base_url)
+    }
+
+    /// The realm's issuer (`iss` of its tokens): the audience a client assertion must name, and
+    /// exactly the audience of a ServiceAccount token presented to it.
+    pub fn issuer(&self, realm: &str) -> String {
+        format!("{}/realms/{realm}", self.base_url)
     }
 
     async fn admin_token(&self) -> Result<String> {
@@ -172,9 +213,35 @@ impl Keycloak {
         }
         let resp = req.send().await?;
         if !resp.status().is_success() {
-            return Err(format!("Keycloak admin {method} {path}: {}", resp.status()).into());
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(format!(
+                "Keycloak admin {method} {path}: {status} {}",
+                body.chars().take(300).collect::<String>()
+            )
+            .into());
         }
         Ok(resp)
+    }
+
+    /// Adds a Kubernetes identity provider with the alias [`K8S_IDP`] for the service account
+    /// issuer `issuer` (the API server's `--service-account-issuer`) to `realm`; added again
+    /// whenever this Keycloak restarts.
+    pub async fn add_kubernetes_identity_provider(&self, realm: &str, issuer: &str) -> Result<()> {
+        let provider = json!({
+            "alias": K8S_IDP,
+            "providerId": "kubernetes",
+            "enabled": true,
+            "config": {"issuer": issuer},
+        });
+        self.post_identity_provider(realm, provider.clone()).await?;
+        self.identity_providers.lock().unwrap_or_else(|e| e.into_inner()).push((realm.to_owned(), provider));
+        Ok(())
+    }
+
+    async fn post_identity_provider(&self, realm: &str, provider: Value) -> Result<()> {
+        self.admin(reqwest::Method::POST, &format!("{realm}/identity-provider/instances"), Some(provider)).await?;
+        Ok(())
     }
 
     /// Creates a confidential client with service accounts (or without), an optional access
@@ -186,7 +253,70 @@ impl Keycloak {
         lifespan_secs: Option<u32>,
         service_accounts: bool,
     ) -> Result<ClientInfo> {
-        let mut attributes = json!({});
+        let id = self
+            .create_client_as(realm, client_id, "client-secret", lifespan_secs, json!({}), service_accounts)
+            .await?;
+        let secret = self.client_secret(realm, &id).await?;
+        Ok(ClientInfo { id, client_id: client_id.to_owned(), secret })
+    }
+
+    /// Creates a client that authenticates with the token of the Kubernetes ServiceAccount
+    /// `namespace`/`service_account` (`federated-jwt`, issuer [`K8S_IDP`]), with the test role
+    /// and an optional access token lifespan. Returns the client's internal id.
+    pub async fn create_federated_client(
+        &self,
+        realm: &str,
+        client_id: &str,
+        namespace: &str,
+        service_account: &str,
+        lifespan_secs: Option<u32>,
+    ) -> Result<String> {
+        let attributes = json!({
+            "jwt.credential.issuer": K8S_IDP,
+            "jwt.credential.sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+        });
+        self.create_client_as(realm, client_id, "federated-jwt", lifespan_secs, attributes, true).await
+    }
+
+    /// Creates a client that authenticates with a JWT signed by `key` (`client-jwt`,
+    /// private_key_jwt), its public key registered as the self-signed certificate, with the test
+    /// role and an optional access token lifespan. Returns the client's internal id.
+    pub async fn create_private_key_jwt_client(
+        &self,
+        realm: &str,
+        client_id: &str,
+        key: &ClientKey,
+        lifespan_secs: Option<u32>,
+    ) -> Result<String> {
+        let attributes = json!({"jwt.credential.certificate": STANDARD.encode(&key.certificate_der)});
+        self.create_client_as(realm, client_id, "client-jwt", lifespan_secs, attributes, true).await
+    }
+
+    /// Creates a client that authenticates with a JWT signed with its secret
+    /// (`client-secret-jwt`, HMAC), with the test role and an optional access token lifespan.
+    pub async fn create_client_secret_jwt_client(
+        &self,
+        realm: &str,
+        client_id: &str,
+        lifespan_secs: Option<u32>,
+    ) -> Result<ClientInfo> {
+        let id = self.create_client_as(realm, client_id, "client-secret-jwt", lifespan_secs, json!({}), true).await?;
+        let secret = self.client_secret(realm, &id).await?;
+        Ok(ClientInfo { id, client_id: client_id.to_owned(), secret })
+    }
+
+    /// Creates a confidential client authenticated by `authenticator` with `attributes` (and
+    /// the lifespan), with service accounts that hold the test role, or a browser client
+    /// without; returns its internal id.
+    async fn create_client_as(
+        &self,
+        realm: &str,
+        client_id: &str,
+        authenticator: &str,
+        lifespan_secs: Option<u32>,
+        mut attributes: Value,
+        service_accounts: bool,
+    ) -> Result<String> {
         if let Some(l) = lifespan_secs {
             attributes["access.token.lifespan"] = json!(l.to_string());
         }
@@ -197,7 +327,7 @@ impl Keycloak {
                 "clientId": client_id,
                 "enabled": true,
                 "publicClient": false,
-                "clientAuthenticatorType": "client-secret",
+                "clientAuthenticatorType": authenticator,
                 "serviceAccountsEnabled": service_accounts,
                 "standardFlowEnabled": !service_accounts,
                 "redirectUris": ["http://127.0.0.1/*"],
@@ -222,8 +352,7 @@ impl Keycloak {
             )
             .await?;
         }
-        let secret = self.client_secret(realm, &id).await?;
-        Ok(ClientInfo { id, client_id: client_id.to_owned(), secret })
+        Ok(id)
     }
 
     pub async fn client_uuid(&self, realm: &str, client_id: &str) -> Result<String> {
@@ -257,6 +386,16 @@ impl Keycloak {
 
     /// When Keycloak recorded each client_credentials grant of a client (Unix milliseconds).
     pub async fn grant_times(&self, realm: &str, client_id: &str) -> Result<Vec<i64>> {
+        let events = self.grant_events(realm, client_id).await?;
+        let mut times: Vec<i64> = events.iter().filter_map(|e| e["time"].as_i64()).collect();
+        times.sort_unstable();
+        Ok(times)
+    }
+
+    /// The client's client_credentials grants as Keycloak recorded them (`CLIENT_LOGIN`
+    /// events, newest first), each with its `details`, e.g. `client_auth_method`
+    /// (`client-secret`, `federated-jwt`, `client-jwt`, `client-secret-jwt`).
+    pub async fn grant_events(&self, realm: &str, client_id: &str) -> Result<Vec<Value>> {
         let events: Value = self
             .admin(
                 reqwest::Method::GET,
@@ -266,9 +405,32 @@ impl Keycloak {
             .await?
             .json()
             .await?;
-        let mut times: Vec<i64> = events.as_array().into_iter().flatten().filter_map(|e| e["time"].as_i64()).collect();
-        times.sort_unstable();
-        Ok(times)
+        match events {
+            Value::Array(events) => Ok(events),
+            other => Err(format!("Keycloak events: not a list: {other}").into()),
+        }
+    }
+
+    /// A client_credentials grant authenticated by `assertion` alone (`client_assertion` of
+    /// type [`JWT_BEARER`], no `client_id`): the token response, or an error with Keycloak's
+    /// status and answer.
+    pub async fn grant_with_assertion(&self, realm: &str, assertion: &str) -> Result<Value> {
+        let resp = self
+            .http
+            .post(self.token_url(realm))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", assertion),
+            ])
+            .send()
+            .await?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        if !status.is_success() {
+            return Err(format!("Keycloak refused the client assertion: {status} {body}").into());
+        }
+        Ok(serde_json::from_str(&body)?)
     }
 
     /// The realm's published signing keys.
@@ -278,9 +440,49 @@ impl Keycloak {
     }
 }
 
+/// A client assertion (RFC 7523) as private_key_jwt and client_secret_jwt clients send it:
+/// `iss` = `sub` = the client id, `aud` the realm issuer, a unique `jti`, issued now, valid 60 s.
+pub fn client_assertion(
+    client_id: &str,
+    audience: &str,
+    algorithm: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+) -> Result<String> {
+    let now = jiff::Timestamp::now().as_second();
+    let claims = json!({
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "jti": format!("{:032x}", rand::random::<u128>()),
+        "iat": now,
+        "exp": now + 60,
+    });
+    Ok(jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), &claims, key)?)
+}
+
 impl Drop for Keycloak {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Where the start-dev build of the distribution `dist` is kept: next to it, in the tools cache.
+fn saved_build(dist: &Path) -> PathBuf {
+    let name = dist.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dist.with_file_name(format!("{name}.start-dev-build"))
+}
+
+/// Keeps the build a started instance made (its lib/quarkus) for the next instances, once;
+/// written aside and renamed, so a concurrent start never sees half of it. Best effort: without
+/// it Keycloak builds again.
+fn save_build(dist: &Path, built: &Path) {
+    let saved = saved_build(dist);
+    if saved.exists() {
+        return;
+    }
+    let tmp = saved.with_extension(format!("tmp-{}-{:x}", std::process::id(), rand::random::<u32>()));
+    if copy_dir(built, &tmp).is_err() || std::fs::rename(&tmp, &saved).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }
 

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use cluster::Cluster;
-use keycloak::Keycloak;
+use cluster::{Cluster, ClusterCa};
+use keycloak::{Keycloak, REALM};
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -82,12 +82,20 @@ impl Env {
         let t = Instant::now();
         let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");
         let (cluster_dir, keycloak_dir) = (dir.path().join("cluster"), dir.path().join("keycloak"));
+        // The cluster's CA first: Keycloak, started at the same time, trusts it to fetch the
+        // service account issuer's keys from the API server.
+        let ca = ClusterCa::create(&cluster_dir)?;
+        let ca_file = ca.file.clone();
         let (cluster, keycloak) = tokio::join!(
-            Cluster::start(&tools.bin, &cluster_dir),
-            Keycloak::start(&tools.keycloak_home, &keycloak_dir, &realm)
+            Cluster::start(&tools.bin, &cluster_dir, ca),
+            Keycloak::start(&tools.keycloak_home, &keycloak_dir, &realm, Some(&ca_file))
         );
         let (mut cluster, keycloak) = (cluster?, keycloak?);
         phase("kube-apiserver and Keycloak up", t);
+        let t = Instant::now();
+        // The test realm accepts the cluster's ServiceAccount tokens as client credentials.
+        keycloak.add_kubernetes_identity_provider(REALM, &cluster.server).await?;
+        phase("Kubernetes identity provider in the test realm", t);
         let t = Instant::now();
         cluster.kubectl(&["apply", "-f", &repo().join("crds").display().to_string()])?;
         cluster.kubectl(&[
@@ -107,15 +115,31 @@ impl Env {
         self.dir.path()
     }
 
-    /// Starts another Keycloak with the test realm, HTTPS-only with the given certificate and key.
+    /// Starts another Keycloak with the test realm, HTTPS-only with the given certificate and key;
+    /// like the main one, it trusts the cluster's CA and has the Kubernetes identity provider.
     pub async fn extra_keycloak_tls(&self, name: &str, cert: &str, key: &str) -> Result<Keycloak> {
         let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");
-        Keycloak::start_with(&self.tools.keycloak_home, &self.path().join(name), &realm, Some((cert, key))).await
+        let dir = self.path().join(name);
+        let kc = Keycloak::start_with(
+            &self.tools.keycloak_home,
+            &dir,
+            &realm,
+            Some((cert, key)),
+            Some(&self.cluster.ca_file),
+        )
+        .await?;
+        kc.add_kubernetes_identity_provider(REALM, &self.cluster.server).await?;
+        Ok(kc)
     }
 
-    /// Starts another Keycloak with the test realm (for tests that stop it).
+    /// Starts another Keycloak with the test realm (for tests that stop it); like the main one,
+    /// it trusts the cluster's CA and has the Kubernetes identity provider.
     pub async fn extra_keycloak(&self, name: &str) -> Result<Keycloak> {
         let realm = repo().join("tests/fixtures/consent-01-external-system-realm.json");
-        Keycloak::start(&self.tools.keycloak_home, &self.path().join(name), &realm).await
+        let kc =
+            Keycloak::start(&self.tools.keycloak_home, &self.path().join(name), &realm, Some(&self.cluster.ca_file))
+                .await?;
+        kc.add_kubernetes_identity_provider(REALM, &self.cluster.server).await?;
+        Ok(kc)
     }
 }
