@@ -36,6 +36,12 @@ async fn demo() -> Result<()> {
     let env = Env::start().await?;
     let client = env.cluster.client().await?;
 
+    // The Keycloak client of examples/secretless.yaml: authenticated by the ServiceAccount
+    // `registry-client` of the demo namespace (the realm's Kubernetes identity provider points at
+    // this API server's service-account issuer).
+    env.keycloak
+        .create_federated_client(support::keycloak::REALM, "secretless-demo", NAMESPACE, "registry-client", None)
+        .await?;
     let mut applied = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(repo().join("examples"))?
         .filter_map(|e| e.ok().map(|e| e.path()))

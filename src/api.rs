@@ -23,6 +23,10 @@ pub const CLIENT_SECRET_LABEL: &str = "registry-access.io/client-secret";
 /// Optional annotation on a client Secret: the Keycloak servers (URL prefixes, comma-separated)
 /// its value may be sent to. Without it, any server the operator allows.
 pub const ALLOWED_SERVERS_ANNOTATION: &str = "registry-access.io/allowed-servers";
+/// Annotation on a ServiceAccount that lets the operator mint tokens of it for Keycloak: the
+/// realm issuers (URL prefixes, comma-separated) they may be presented to, e.g.
+/// `https://keycloak.example.com/auth/realms/consent-01-external-system`.
+pub const KEYCLOAK_ISSUERS_ANNOTATION: &str = "registry-access.io/keycloak-issuers";
 /// Suffix of the token Secret's default name (`<metadata.name>-token`).
 pub const DEFAULT_SECRET_SUFFIX: &str = "-token";
 
@@ -46,7 +50,7 @@ const SCOPE_PATTERN: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+$";
     plural = "registryaccesses",
     shortname = "ra",
     namespaced,
-    doc = "RegistryAccess keeps a valid Keycloak access token for one client in a Secret. The operator requests the token with the OAuth2 client_credentials grant from {server}/realms/{realm}/protocol/openid-connect/token, writes it to the Secret named in spec.secret.name (default <name>-token) and requests a new one renewBefore ahead of its expiry, so that pods mounting the Secret always find an unexpired token.",
+    doc = "RegistryAccess keeps a valid Keycloak access token for one client in a Secret. The operator requests the token with the OAuth2 client_credentials grant from {server}/realms/{realm}/protocol/openid-connect/token (authenticated with a client secret, a signed JWT or a Kubernetes ServiceAccount token), writes it to the Secret named in spec.secret.name (default <name>-token) and requests a new one renewBefore ahead of its expiry, so that pods mounting the Secret always find an unexpired token.",
     status = "RegistryAccessStatus",
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
@@ -58,6 +62,9 @@ const SCOPE_PATTERN: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+$";
         .message("metadata.name is too long for the default token Secret name <name>-token: set spec.secret.name"),
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(self.clientAuthMethod in ['client_secret_post', 'client_secret_basic', 'client_secret_jwt']) == has(self.clientSecretRef)").message("clientSecretRef is required with clientAuthMethod client_secret_post, client_secret_basic or client_secret_jwt, and not allowed with the others"))]
+#[x_kube(validation = Rule::new("(self.clientAuthMethod == 'service_account') == has(self.serviceAccountRef)").message("serviceAccountRef is required with clientAuthMethod service_account, and not allowed with the others"))]
+#[x_kube(validation = Rule::new("(self.clientAuthMethod == 'private_key_jwt') == has(self.privateKeyRef)").message("privateKeyRef is required with clientAuthMethod private_key_jwt, and not allowed with the others"))]
 pub struct RegistryAccessSpec {
     /// Base URL of the Keycloak server, with or without the legacy `/auth` context path, for
     /// example `https://platform-keycloak.apps.example.com/auth`. The token is requested from
@@ -76,16 +83,46 @@ pub struct RegistryAccessSpec {
     #[schemars(length(min = 1, max = 255))]
     pub client_id: String,
 
-    /// The Secret, in this RegistryAccess's namespace, that holds the client secret. The Secret
-    /// must carry the label `registry-access.io/client-secret: "true"` (set by someone who may
-    /// edit Secrets here), otherwise nothing is sent (reason ClientSecretNotOptedIn); its
-    /// annotation `registry-access.io/allowed-servers` can name the only servers it may go to.
-    pub client_secret_ref: ClientSecretRef,
-
-    /// How the client authenticates to the token endpoint: `client_secret_post` (the default:
-    /// client_id and client_secret in the form body) or `client_secret_basic` (HTTP Basic).
+    /// How the client authenticates to the token endpoint, and which of the fields below it
+    /// needs: `client_secret_post` (the default: client_id and client_secret in the form body)
+    /// and `client_secret_basic` (HTTP Basic) need clientSecretRef; `client_secret_jwt` (a JWT
+    /// signed with the client secret, which never travels) needs clientSecretRef;
+    /// `private_key_jwt` (a JWT signed with the client's private key) needs privateKeyRef;
+    /// `service_account` (a token of a Kubernetes ServiceAccount, for a Keycloak client of type
+    /// "Signed JWT - Federated": no secret stored anywhere) needs serviceAccountRef.
     #[serde(default)]
     pub client_auth_method: ClientAuthMethod,
+
+    /// The Secret, in this RegistryAccess's namespace, that holds the client secret (methods
+    /// client_secret_post, client_secret_basic and client_secret_jwt). The Secret must carry the
+    /// label `registry-access.io/client-secret: "true"` (set by someone who may edit Secrets
+    /// here), otherwise nothing is sent (reason ClientSecretNotOptedIn); its annotation
+    /// `registry-access.io/allowed-servers` can name the only servers it may go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<ClientSecretRef>,
+
+    /// The ServiceAccount, in this namespace, whose token authenticates the client (method
+    /// service_account). The operator mints a short-lived token for it with the TokenRequest API,
+    /// for the audience of the realm's issuer, and never stores it. The ServiceAccount must opt
+    /// in with the annotation `registry-access.io/keycloak-issuers` listing the Keycloak realm
+    /// issuers (URL prefixes, comma-separated) its tokens may be presented to, otherwise no
+    /// token is minted (reason ServiceAccountNotOptedIn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<ServiceAccountRef>,
+
+    /// The Secret, in this namespace, that holds the client's private key as PEM (RSA or EC
+    /// P-256/P-384), for method private_key_jwt. Like a client Secret it must carry the label
+    /// `registry-access.io/client-secret: "true"`. The key never leaves: each request carries a
+    /// fresh JWT signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_ref: Option<PrivateKeyRef>,
+
+    /// Realm roles the token must grant (from its `realm_access.roles` claim), for example
+    /// `trembita-invoker`. A token lacking any is still written, but Ready is False with reason
+    /// RequiredRolesMissing naming them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 255)))]
+    pub required_roles: Vec<String>,
 
     /// OAuth2 scopes to request, sent as the space-separated `scope` parameter. Empty or unset:
     /// no scope parameter, Keycloak grants the client's default scopes.
@@ -183,7 +220,48 @@ fn default_client_secret_key() -> String {
     DEFAULT_CLIENT_SECRET_KEY.to_owned()
 }
 
-/// How the client secret is presented to Keycloak's token endpoint (RFC 6749 section 2.3.1).
+/// A ServiceAccount in the RegistryAccess's own namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    /// Name of the ServiceAccount.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+
+    /// Audience of the minted token. Default: the realm's issuer derived from server and realm,
+    /// `{server}/realms/{realm}`, which is what Keycloak requires. Set it only where Keycloak's
+    /// public (frontend) URL differs from server. It must be covered by the ServiceAccount's
+    /// `registry-access.io/keycloak-issuers` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
+    pub audience: Option<String>,
+}
+
+/// A private key in a Secret of the RegistryAccess's own namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivateKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+
+    /// Key of the PEM private key (PKCS#8, or PKCS#1 for RSA, SEC1 for EC) in that Secret's data.
+    /// Default: `tls.key`.
+    #[serde(default = "default_private_key_key")]
+    #[schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))]
+    pub key: String,
+
+    /// `kid` header of the signed JWTs, for a Keycloak client with several keys. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub key_id: Option<String>,
+}
+
+fn default_private_key_key() -> String {
+    "tls.key".to_owned()
+}
+
+/// How the client authenticates to Keycloak's token endpoint (RFC 6749 section 2.3.1, RFC 7523).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ClientAuthMethod {
     /// `client_id` and `client_secret` as form parameters in the request body.
@@ -193,6 +271,16 @@ pub enum ClientAuthMethod {
     /// `Authorization: Basic` with the form-urlencoded client_id and client_secret.
     #[serde(rename = "client_secret_basic")]
     ClientSecretBasic,
+    /// A JWT signed (HS256) with the client secret as `client_assertion`.
+    #[serde(rename = "client_secret_jwt")]
+    ClientSecretJwt,
+    /// A JWT signed with the client's private key as `client_assertion`.
+    #[serde(rename = "private_key_jwt")]
+    PrivateKeyJwt,
+    /// A Kubernetes ServiceAccount token as `client_assertion` (Keycloak's federated client
+    /// authentication).
+    #[serde(rename = "service_account")]
+    ServiceAccount,
 }
 
 impl ClientAuthMethod {
@@ -201,8 +289,22 @@ impl ClientAuthMethod {
         match self {
             Self::ClientSecretPost => "client_secret_post",
             Self::ClientSecretBasic => "client_secret_basic",
+            Self::ClientSecretJwt => "client_secret_jwt",
+            Self::PrivateKeyJwt => "private_key_jwt",
+            Self::ServiceAccount => "service_account",
         }
     }
+}
+
+/// Where an object's credential comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource<'a> {
+    /// A key of a Secret of the namespace (client secret or private key).
+    Secret { name: &'a str, key: &'a str },
+    /// A ServiceAccount of the namespace.
+    ServiceAccount { name: &'a str },
+    /// The spec names none for its method (refused by the API server's validation).
+    Missing,
 }
 
 /// Name and extra metadata of the token Secret.
@@ -277,6 +379,28 @@ pub struct RegistryAccessStatus {
 /// version of the CRD): such an object is reported and skipped, never fatal to the watch.
 pub type Guarded = kube::core::DeserializeGuard<RegistryAccess>;
 
+impl RegistryAccessSpec {
+    /// Where the credential of the spec's method comes from.
+    pub fn credential_source(&self) -> CredentialSource<'_> {
+        match self.client_auth_method {
+            ClientAuthMethod::ClientSecretPost
+            | ClientAuthMethod::ClientSecretBasic
+            | ClientAuthMethod::ClientSecretJwt => match &self.client_secret_ref {
+                Some(r) => CredentialSource::Secret { name: &r.name, key: &r.key },
+                None => CredentialSource::Missing,
+            },
+            ClientAuthMethod::PrivateKeyJwt => match &self.private_key_ref {
+                Some(r) => CredentialSource::Secret { name: &r.name, key: &r.key },
+                None => CredentialSource::Missing,
+            },
+            ClientAuthMethod::ServiceAccount => match &self.service_account_ref {
+                Some(r) => CredentialSource::ServiceAccount { name: &r.name },
+                None => CredentialSource::Missing,
+            },
+        }
+    }
+}
+
 impl RegistryAccess {
     /// Name of the token Secret: `spec.secret.name`, or `<metadata.name>-token`.
     pub fn token_secret_name(&self) -> String {
@@ -306,7 +430,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_documented_flow() {
         let s = spec();
-        assert_eq!(s.client_secret_ref.key, "client_secret");
+        assert_eq!(s.client_secret_ref.unwrap().key, "client_secret");
         assert_eq!(s.client_auth_method, ClientAuthMethod::ClientSecretPost);
         assert!(s.scopes.is_empty());
         assert!(s.renew_before.is_none());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -15,7 +15,7 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use kube::{Api, Client, Resource};
 use tracing::{debug, info};
 
-use crate::api::{Guarded, RegistryAccess};
+use crate::api::{CredentialSource, Guarded, RegistryAccess};
 use crate::digest_key::{DigestKey, KeyError};
 use crate::index::{Key, Role, SecretMeta};
 use crate::issuer::Issuer;
@@ -161,6 +161,17 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
     }))
     .flat_map(move |(scope, event)| stream::iter(secret_triggers(&secret_ctx, &scope, event)));
+    // ServiceAccounts: metadata only, for the objects that authenticate with one.
+    let sa_ctx = ctx.clone();
+    let service_account_events = stream::select_all(scopes.iter().map(|scope| {
+        let api: Api<PartialObjectMeta<ServiceAccount>> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let scope = scope.clone();
+        watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
+    }))
+    .flat_map(move |(scope, event)| stream::iter(service_account_triggers(&sa_ctx, &scope, event)));
     let finished = stream::unfold(finished, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     let readiness = config.readiness.clone();
@@ -181,6 +192,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
 
     Controller::for_stream(objects, store)
         .reconcile_on(secret_events)
+        .reconcile_on(service_account_events)
         .reconcile_on(finished)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .shutdown_on_signal()
@@ -227,8 +239,48 @@ fn follow_object(ctx: &Context, event: &Event<Guarded>) {
     }
 }
 
-fn secrets_of(ra: &RegistryAccess) -> [(String, Role); 2] {
-    [(ra.spec.client_secret_ref.name.clone(), Role::Client), (ra.token_secret_name(), Role::Token)]
+/// What an object names: its credential (a Secret or a ServiceAccount) and its token Secret.
+fn secrets_of(ra: &RegistryAccess) -> Vec<(String, Role)> {
+    let mut named = vec![(ra.token_secret_name(), Role::Token)];
+    match ra.spec.credential_source() {
+        CredentialSource::Secret { name, .. } => named.push((name.to_owned(), Role::Client)),
+        CredentialSource::ServiceAccount { name } => named.push((name.to_owned(), Role::ServiceAccount)),
+        CredentialSource::Missing => {}
+    }
+    named
+}
+
+/// The objects a ServiceAccount event concerns: those that authenticate with a ServiceAccount
+/// that is new, changed (recreated, its annotation edited) or gone.
+fn service_account_triggers(
+    ctx: &Context,
+    scope: &Scope,
+    event: Result<Event<PartialObjectMeta<ServiceAccount>>, watcher::Error>,
+) -> Vec<ObjectRef<Guarded>> {
+    let Ok(event) = event else { return Vec::new() };
+    let changed: Vec<Key> = match event {
+        Event::Init => {
+            ctx.index.service_accounts_relist_begin(scope.clone());
+            Vec::new()
+        }
+        Event::InitApply(sa) | Event::Apply(sa) => {
+            let key = key_of(&sa);
+            let meta = crate::read::service_account_meta(&sa.metadata);
+            if ctx.index.service_account_applied(key.clone(), meta) { vec![key] } else { Vec::new() }
+        }
+        Event::Delete(sa) => {
+            let key = key_of(&sa);
+            ctx.index.service_account_deleted(&key);
+            vec![key]
+        }
+        Event::InitDone => ctx.index.service_accounts_relist_end(scope),
+    };
+    changed
+        .iter()
+        .flat_map(|sa| ctx.index.referrers(sa))
+        .filter(|r| r.role == Role::ServiceAccount)
+        .map(|r| ObjectRef::new(&r.object.name).within(&r.object.namespace))
+        .collect()
 }
 
 /// The objects a Secret event concerns: those that name a Secret that is new, changed or gone,
@@ -264,6 +316,7 @@ fn secret_triggers(
     changed
         .iter()
         .flat_map(|secret| ctx.index.referrers(secret))
+        .filter(|r| r.role != Role::ServiceAccount)
         .filter(|r| {
             !(r.role == Role::Token && version.as_deref().is_some_and(|v| ctx.states.is_known_version(&r.uid, v)))
         })

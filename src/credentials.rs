@@ -7,7 +7,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use secrecy::SecretString;
 
-use crate::api::{ALLOWED_SERVERS_ANNOTATION, CLIENT_SECRET_LABEL, REFRESH_ANNOTATION, RegistryAccess};
+use crate::api::{
+    ALLOWED_SERVERS_ANNOTATION, CLIENT_SECRET_LABEL, ClientAuthMethod, CredentialSource, REFRESH_ANNOTATION,
+    RegistryAccess,
+};
 use crate::digest_key::DigestKey;
 use crate::failure::{Problem, reason};
 use crate::policy;
@@ -59,15 +62,18 @@ impl Fingerprint {
     /// said, so a Secret that did not opt in reveals nothing.
     pub fn check(&self, ra: &RegistryAccess) -> Result<&str, Problem> {
         let ns = ra.namespace().unwrap_or_default();
-        let r = &ra.spec.client_secret_ref;
+        let (name, key) = match ra.spec.credential_source() {
+            CredentialSource::Secret { name, key } => (name, key),
+            _ => return Err(no_source(ra)),
+        };
+        let field = ref_field(ra);
         if !self.opted_in {
             return Err(Problem::fix(
                 reason::CLIENT_SECRET_NOT_OPTED_IN,
                 format!(
-                    "Secret {ns}/{} is not marked for use as a client secret, so it is not sent to Keycloak: \
+                    "Secret {ns}/{name} is not marked for use as a client secret, so it is not sent to Keycloak: \
                      someone who may edit Secrets in namespace {ns} can allow it with \
-                     `kubectl label secret {} {CLIENT_SECRET_LABEL}=true -n {ns}`; no request was sent",
-                    r.name, r.name
+                     `kubectl label secret {name} {CLIENT_SECRET_LABEL}=true -n {ns}`; no request was sent"
                 ),
             ));
         }
@@ -77,23 +83,23 @@ impl Fingerprint {
             return Err(Problem::fix(
                 reason::SERVER_NOT_ALLOWED,
                 format!(
-                    "Secret {ns}/{} may only be sent to {} (its annotation {ALLOWED_SERVERS_ANNOTATION}), \
-                     not to spec.server {}; no request was sent",
-                    r.name,
+                    "Secret {ns}/{name} may only be used for {} (its annotation {ALLOWED_SERVERS_ANNOTATION}), \
+                     not for spec.server {}; no request was sent",
                     allowed.join(", "),
                     ra.spec.server
                 ),
             ));
         }
-        let missing = |what: String| {
-            Problem::fix(
-                reason::CLIENT_SECRET_KEY_MISSING,
-                format!("Secret {ns}/{} {what}; set spec.clientSecretRef.key or add the key", r.name),
-            )
+        let why = if ra.spec.client_auth_method == ClientAuthMethod::PrivateKeyJwt {
+            reason::PRIVATE_KEY_INVALID
+        } else {
+            reason::CLIENT_SECRET_KEY_MISSING
         };
-        match self.values.get(&r.key) {
-            None => Err(missing(format!("has no key {:?}", r.key))),
-            Some(Err(why)) => Err(missing(format!("key {:?} {why}", r.key))),
+        let missing =
+            |what: String| Problem::fix(why, format!("Secret {ns}/{name} {what}; set {field}.key or add the key"));
+        match self.values.get(key) {
+            None => Err(missing(format!("has no key {key:?}"))),
+            Some(Err(why)) => Err(missing(format!("key {key:?} {why}"))),
             Some(Ok(fp)) => Ok(fp),
         }
     }
@@ -112,8 +118,26 @@ fn value_of(raw: &[u8]) -> Result<&str, &'static str> {
     if value.is_empty() { Err("is empty") } else { Ok(value) }
 }
 
-/// Extracts the client secret of `ra` from `secret` (the referenced Secret, if it exists), if it
-/// may be sent; with the fingerprint taken of it.
+/// The spec field that names the credential Secret of `ra`'s method.
+pub fn ref_field(ra: &RegistryAccess) -> &'static str {
+    match ra.spec.client_auth_method {
+        ClientAuthMethod::PrivateKeyJwt => "spec.privateKeyRef",
+        ClientAuthMethod::ServiceAccount => "spec.serviceAccountRef",
+        _ => "spec.clientSecretRef",
+    }
+}
+
+/// The problem of a spec that names no credential for its method (the API server's validation
+/// normally refuses it first).
+pub fn no_source(ra: &RegistryAccess) -> Problem {
+    Problem::fix(
+        reason::INVALID_SPEC,
+        format!("clientAuthMethod {} needs {}", ra.spec.client_auth_method.as_str(), ref_field(ra)),
+    )
+}
+
+/// Extracts the credential of `ra` (client secret or private key PEM) from `secret` (the
+/// referenced Secret, if it exists), if it may be used; with the fingerprint taken of it.
 pub fn extract(
     ra: &RegistryAccess,
     secret: Option<&Secret>,
@@ -124,29 +148,46 @@ pub fn extract(
     };
     let fingerprint = Fingerprint::of(secret, key);
     let inputs = inputs_digest(ra, fingerprint.check(ra)?);
-    let raw = secret.data.as_ref().and_then(|d| d.get(&ra.spec.client_secret_ref.key)).map(|v| v.0.as_slice());
+    let CredentialSource::Secret { key: data_key, .. } = ra.spec.credential_source() else {
+        return Err(no_source(ra));
+    };
+    let raw = secret.data.as_ref().and_then(|d| d.get(data_key)).map(|v| v.0.as_slice());
     let value = raw.and_then(|raw| value_of(raw).ok()).unwrap_or_default();
     Ok((Credentials { client_secret: SecretString::from(value.to_owned()), inputs }, fingerprint))
 }
 
-/// The problem of a client Secret that does not exist.
+/// The problem of a credential Secret that does not exist.
 pub fn not_found(ra: &RegistryAccess) -> Problem {
+    let CredentialSource::Secret { name, .. } = ra.spec.credential_source() else { return no_source(ra) };
+    let why = if ra.spec.client_auth_method == ClientAuthMethod::PrivateKeyJwt {
+        reason::PRIVATE_KEY_INVALID
+    } else {
+        reason::CLIENT_SECRET_NOT_FOUND
+    };
     Problem::fix(
-        reason::CLIENT_SECRET_NOT_FOUND,
-        format!(
-            "Secret {}/{} named in spec.clientSecretRef does not exist",
-            ra.namespace().unwrap_or_default(),
-            ra.spec.client_secret_ref.name
-        ),
+        why,
+        format!("Secret {}/{name} named in {} does not exist", ra.namespace().unwrap_or_default(), ref_field(ra)),
     )
 }
 
-/// Digest of what the token is requested with: the spec's request fields, the keyed fingerprint
-/// of the client secret's value, and the refresh annotation. A new label, annotation or version of
-/// the client Secret with the same value is the same input.
-pub fn inputs_digest(ra: &RegistryAccess, value_fingerprint: &str) -> String {
+/// Digest of what the token is requested with: the spec's request fields, where the credential
+/// comes from, `credential` (the keyed fingerprint of a secret's value, or a ServiceAccount's
+/// identity), and the refresh annotation. A new label, annotation or version of the credential
+/// Secret with the same value is the same input.
+pub fn inputs_digest(ra: &RegistryAccess, credential: &str) -> String {
     use sha2::Digest as _;
     let s = &ra.spec;
+    let source = match s.credential_source() {
+        CredentialSource::Secret { name, key } => format!("secret/{name}/{key}"),
+        CredentialSource::ServiceAccount { name } => {
+            format!(
+                "serviceaccount/{name}/{}",
+                s.service_account_ref.as_ref().and_then(|r| r.audience.as_deref()).unwrap_or_default()
+            )
+        }
+        CredentialSource::Missing => String::new(),
+    };
+    let kid = s.private_key_ref.as_ref().and_then(|r| r.key_id.as_deref()).unwrap_or_default();
     let mut h = sha2::Sha256::new();
     for part in [
         s.server.as_str(),
@@ -154,9 +195,9 @@ pub fn inputs_digest(ra: &RegistryAccess, value_fingerprint: &str) -> String {
         s.client_id.as_str(),
         s.client_auth_method.as_str(),
         &s.scopes.join(" "),
-        &s.client_secret_ref.name,
-        &s.client_secret_ref.key,
-        value_fingerprint,
+        &source,
+        kid,
+        credential,
         // A new value of the refresh annotation is a request for a new token.
         ra.metadata
             .annotations

@@ -18,6 +18,12 @@ pub mod reason {
     pub const CLIENT_SECRET_NOT_OPTED_IN: &str = "ClientSecretNotOptedIn";
     pub const INSECURE_SERVER: &str = "InsecureServer";
     pub const RENEW_BEFORE_TOO_SHORT: &str = "RenewBeforeTooShort";
+    pub const PRIVATE_KEY_INVALID: &str = "PrivateKeyInvalid";
+    pub const SERVICE_ACCOUNT_NOT_FOUND: &str = "ServiceAccountNotFound";
+    pub const SERVICE_ACCOUNT_NOT_OPTED_IN: &str = "ServiceAccountNotOptedIn";
+    pub const SERVICE_ACCOUNT_TOKEN_REFUSED: &str = "ServiceAccountTokenRefused";
+    pub const REQUIRED_ROLES_MISSING: &str = "RequiredRolesMissing";
+    pub const ROLES_NOT_IN_TOKEN: &str = "RolesNotInToken";
     pub const RENEW_BEFORE_ADJUSTED: &str = "RenewBeforeAdjusted";
     pub const INVALID_CLIENT_CREDENTIALS: &str = "InvalidClientCredentials";
     pub const SERVICE_ACCOUNTS_DISABLED: &str = "ServiceAccountsDisabled";
@@ -87,6 +93,7 @@ pub fn reason_for(e: &TokenError) -> &'static str {
         TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
         TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => reason::INVALID_TOKEN_RESPONSE,
         TokenError::InvalidCaBundle(_) => reason::INVALID_CA_BUNDLE,
+        TokenError::Assertion(_) => reason::PRIVATE_KEY_INVALID,
     }
 }
 
@@ -99,6 +106,8 @@ pub enum Error {
     ReadTokenSecret { namespace: String, name: String, source: kube::Error },
     #[error("reading client Secret {namespace}/{name}: {}", api_summary(source))]
     ReadClientSecret { namespace: String, name: String, source: kube::Error },
+    #[error("reading ServiceAccount {namespace}/{name}: {}", api_summary(source))]
+    ReadServiceAccount { namespace: String, name: String, source: kube::Error },
     #[error("reading the CA bundle {kind} {namespace}/{name}: {}", api_summary(source))]
     ReadCaBundle { kind: &'static str, namespace: String, name: String, source: kube::Error },
     #[error("writing token Secret {namespace}/{name}: {}", api_summary(source))]
@@ -184,6 +193,7 @@ impl Error {
         match self {
             Self::ReadTokenSecret { .. } => "read_token_secret",
             Self::ReadClientSecret { .. } => "read_client_secret",
+            Self::ReadServiceAccount { .. } => "read_service_account",
             Self::ReadCaBundle { .. } => "read_ca_bundle",
             Self::ApplySecret { .. } => "apply_secret",
             Self::RetireSecret { .. } => "retire_secret",

@@ -29,6 +29,8 @@ pub enum Role {
     Client,
     /// It writes its token to it.
     Token,
+    /// It authenticates with tokens of this ServiceAccount (not a Secret).
+    ServiceAccount,
 }
 
 /// An object that names a Secret.
@@ -37,6 +39,15 @@ pub struct Referrer {
     pub object: Key,
     pub uid: String,
     pub role: Role,
+}
+
+/// What the watch says of a ServiceAccount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountMeta {
+    pub uid: String,
+    /// The Keycloak issuers its annotation lets the operator present its tokens to; `None`
+    /// without the annotation.
+    pub issuers: Option<Vec<String>>,
 }
 
 /// What the watch says of a Secret.
@@ -60,6 +71,9 @@ struct Inner {
     fingerprints: HashMap<Key, Arc<Fingerprint>>,
     /// Secrets seen so far in a re-list, per watched scope (a namespace, or all).
     relisting: HashMap<Option<String>, HashSet<Key>>,
+    service_accounts: HashMap<Key, ServiceAccountMeta>,
+    /// ServiceAccounts seen so far in a re-list, per watched scope.
+    relisting_service_accounts: HashMap<Option<String>, HashSet<Key>>,
 }
 
 /// Both indexes.
@@ -210,6 +224,45 @@ impl Index {
     pub fn secrets(&self) -> usize {
         self.read().secrets.len()
     }
+
+    /// What the watch last said of a ServiceAccount.
+    pub fn service_account(&self, key: &Key) -> Option<ServiceAccountMeta> {
+        self.read().service_accounts.get(key).cloned()
+    }
+
+    /// Records a ServiceAccount the watch saw; true when it is new or changed.
+    pub fn service_account_applied(&self, key: Key, meta: ServiceAccountMeta) -> bool {
+        let mut inner = self.write();
+        for (scope, seen) in inner.relisting_service_accounts.iter_mut() {
+            if in_scope(scope, &key) {
+                seen.insert(key.clone());
+            }
+        }
+        inner.service_accounts.insert(key, meta.clone()) != Some(meta)
+    }
+
+    /// Forgets a deleted ServiceAccount; true when it was known.
+    pub fn service_account_deleted(&self, key: &Key) -> bool {
+        self.write().service_accounts.remove(key).is_some()
+    }
+
+    /// A ServiceAccount watch of `scope` starts listing again.
+    pub fn service_accounts_relist_begin(&self, scope: Option<String>) {
+        self.write().relisting_service_accounts.insert(scope, HashSet::new());
+    }
+
+    /// A ServiceAccount watch of `scope` finished listing: those of the scope it did not list
+    /// are gone. Returns them.
+    pub fn service_accounts_relist_end(&self, scope: &Option<String>) -> Vec<Key> {
+        let mut inner = self.write();
+        let Some(seen) = inner.relisting_service_accounts.remove(scope) else { return Vec::new() };
+        let gone: Vec<Key> =
+            inner.service_accounts.keys().filter(|k| in_scope(scope, k) && !seen.contains(*k)).cloned().collect();
+        for k in &gone {
+            inner.service_accounts.remove(k);
+        }
+        gone
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +291,19 @@ mod tests {
         assert_eq!(ix.token_secrets_of("uid-a"), vec![b.clone()]);
         ix.secret_deleted(&b);
         assert!(ix.token_secrets_of("uid-a").is_empty());
+    }
+
+    #[test]
+    fn service_accounts_are_followed_and_pruned_on_relist() {
+        let ix = Index::default();
+        let k = Key::new("ns", "builder");
+        let meta = |uid: &str| ServiceAccountMeta { uid: uid.into(), issuers: None };
+        assert!(ix.service_account_applied(k.clone(), meta("1")));
+        assert!(!ix.service_account_applied(k.clone(), meta("1")));
+        assert!(ix.service_account_applied(k.clone(), meta("2")), "recreated");
+        ix.service_accounts_relist_begin(None);
+        assert_eq!(ix.service_accounts_relist_end(&None), vec![k.clone()]);
+        assert!(ix.service_account(&k).is_none());
     }
 
     #[test]

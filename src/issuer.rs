@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use reqwest::Url;
-use secrecy::SecretString;
 use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
-use crate::api::{ClientAuthMethod, Guarded};
+use crate::api::Guarded;
+use crate::assertion::Credential;
 use crate::failure::{Problem, reason_for};
 use crate::metrics::Metrics;
 use crate::queue::{Dispatch, Next, Queue, QueueConfig};
@@ -30,8 +30,7 @@ const LAG_WARNING_EVERY: Duration = Duration::from_secs(60);
 pub struct OwnedRequest {
     pub token_url: Url,
     pub client_id: String,
-    pub client_secret: SecretString,
-    pub auth_method: ClientAuthMethod,
+    pub credential: Credential,
     pub scopes: Vec<String>,
     pub ca_bundle: Option<String>,
 }
@@ -41,8 +40,7 @@ impl OwnedRequest {
         TokenRequest {
             token_url: &self.token_url,
             client_id: &self.client_id,
-            client_secret: &self.client_secret,
-            auth_method: self.auth_method,
+            credential: &self.credential,
             scopes: &self.scopes,
             ca_bundle: self.ca_bundle.as_deref(),
         }

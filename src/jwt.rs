@@ -22,6 +22,8 @@ pub struct Claims {
     pub iat: Option<i64>,
     /// `realm_access.roles`.
     pub realm_roles: Vec<String>,
+    /// The token has a `realm_access` claim (lightweight access tokens have none).
+    pub roles_claim: bool,
     /// `scope`.
     pub scope: Option<String>,
 }
@@ -93,6 +95,7 @@ pub fn decode_claims(token: &str) -> Result<Claims, JwtError> {
     }
     let raw = RawClaims::deserialize(value).map_err(|e| JwtError::Json(e.classify_message()))?;
     Ok(Claims {
+        roles_claim: raw.realm_access.is_some(),
         exp: raw.exp.as_ref().and_then(NumericDate::seconds),
         iat: raw.iat.as_ref().and_then(NumericDate::seconds),
         realm_roles: raw

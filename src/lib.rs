@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod assertion;
 pub mod controller;
 pub mod credentials;
 pub mod decide;
@@ -20,6 +21,7 @@ pub mod issuer;
 pub mod jwt;
 pub mod leader;
 pub mod metrics;
+pub mod minted;
 pub mod policy;
 pub mod probes;
 pub mod queue;

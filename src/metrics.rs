@@ -38,6 +38,8 @@ pub struct Metrics {
     registry: Registry,
     token_expiry: Family<ObjectLabels, Gauge<i64>>,
     ready: Family<ObjectLabels, Gauge<i64>>,
+    missing_roles: Family<ObjectLabels, Gauge<i64>>,
+    service_account_tokens: Counter,
     token_requests: Family<RequestLabels, Counter>,
     keycloak_duration: Histogram,
     in_flight: Gauge<i64>,
@@ -76,6 +78,18 @@ impl Metrics {
         );
         let ready = Family::<ObjectLabels, Gauge<i64>>::default();
         registry.register("ready", "1 when the object's Secret holds an unexpired token, else 0", ready.clone());
+        let missing_roles = Family::<ObjectLabels, Gauge<i64>>::default();
+        registry.register(
+            "missing_roles",
+            "Required realm roles (spec.requiredRoles) the object's current token lacks; -1 when the token carries no realm_access claim; only for objects with requiredRoles",
+            missing_roles.clone(),
+        );
+        let service_account_tokens = Counter::default();
+        registry.register(
+            "service_account_token_requests",
+            "TokenRequests sent to the Kubernetes API to mint ServiceAccount tokens (method service_account)",
+            service_account_tokens.clone(),
+        );
         let token_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "token_requests",
@@ -122,6 +136,8 @@ impl Metrics {
             registry,
             token_expiry,
             ready,
+            missing_roles,
+            service_account_tokens,
             token_requests,
             keycloak_duration,
             in_flight,
@@ -137,7 +153,14 @@ impl Metrics {
     }
 
     /// Records the state of one object after a reconcile.
-    pub fn set_object(&self, namespace: &str, name: &str, expires_at: Option<i64>, ready: bool) {
+    pub fn set_object(
+        &self,
+        namespace: &str,
+        name: &str,
+        expires_at: Option<i64>,
+        ready: bool,
+        missing_roles: Option<i64>,
+    ) {
         let labels = ObjectLabels { namespace: namespace.to_owned(), name: name.to_owned() };
         match expires_at {
             Some(t) => {
@@ -148,6 +171,14 @@ impl Metrics {
             }
         }
         self.ready.get_or_create(&labels).set(i64::from(ready));
+        match missing_roles {
+            Some(n) => {
+                self.missing_roles.get_or_create(&labels).set(n);
+            }
+            None => {
+                self.missing_roles.remove(&labels);
+            }
+        }
     }
 
     /// Forgets a deleted object.
@@ -155,6 +186,12 @@ impl Metrics {
         let labels = ObjectLabels { namespace: namespace.to_owned(), name: name.to_owned() };
         self.token_expiry.remove(&labels);
         self.ready.remove(&labels);
+        self.missing_roles.remove(&labels);
+    }
+
+    /// A TokenRequest was sent for a ServiceAccount token.
+    pub fn service_account_token_requested(&self) {
+        self.service_account_tokens.inc();
     }
 
     pub fn set_objects(&self, n: usize) {
@@ -237,7 +274,7 @@ mod tests {
     #[test]
     fn renders_prefixed_metrics_that_move() {
         let m = Metrics::new();
-        m.set_object("billing", "consent-02", Some(1_700_000_300), true);
+        m.set_object("billing", "consent-02", Some(1_700_000_300), true, Some(1));
         let t = m.token_request();
         assert!(m.render().contains("registry_access_token_requests_in_flight 1"));
         t.finish(None);
@@ -248,10 +285,12 @@ mod tests {
         m.set_queued(3);
         m.set_undecodable(1);
         m.set_objects(1);
+        m.service_account_token_requested();
         let text = m.render();
         for line in [
             r#"registry_access_token_expiry_timestamp_seconds{namespace="billing",name="consent-02"} 1700000300"#,
             r#"registry_access_ready{namespace="billing",name="consent-02"} 1"#,
+            r#"registry_access_missing_roles{namespace="billing",name="consent-02"} 1"#,
             r#"registry_access_token_requests_total{result="success",reason=""} 1"#,
             r#"registry_access_token_requests_total{result="failure",reason="KeycloakUnavailable"} 1"#,
             "registry_access_token_requests_in_flight 0",
@@ -262,6 +301,7 @@ mod tests {
             "registry_access_token_requests_queued 3",
             "registry_access_undecodable_objects 1",
             "registry_access_managed_objects 1",
+            "registry_access_service_account_token_requests_total 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

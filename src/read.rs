@@ -5,15 +5,21 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::api::PostParams;
 use kube::{Api, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::api::RegistryAccess;
+use crate::api::{ClientAuthMethod, CredentialSource, KEYCLOAK_ISSUERS_ANNOTATION};
+use crate::assertion::{Credential, SigningKey};
 use crate::credentials::{self, Fingerprint};
 use crate::failure::{Error, Problem, reason, within};
 use crate::index::Key;
+use crate::index::ServiceAccountMeta;
 use crate::issuer::OwnedRequest;
-use crate::policy::Policy;
+use crate::policy::{self, Policy};
 use crate::reconcile::Context;
 use crate::secret::{self, Observed};
 use crate::token;
@@ -53,58 +59,141 @@ pub async fn token_secret(ra: &RegistryAccess, ctx: &Context) -> Result<TokenSec
     Ok(TokenSecret { observed, live })
 }
 
-/// The client Secret as far as the decision needs it.
+/// The object's credential as far as the decision needs it.
 pub enum ClientSecret {
-    /// It exists: its fingerprint, and the Secret itself when it had to be read.
+    /// The credential Secret exists: its fingerprint, and the Secret itself when it had to be read.
     Found {
         fingerprint: Arc<Fingerprint>,
         read: Option<Box<Secret>>,
     },
+    /// The ServiceAccount exists, as the watch (or a read) shows it.
+    ServiceAccount(ServiceAccountMeta),
     Missing,
 }
 
 impl ClientSecret {
-    /// The digest of the request inputs, when the client Secret exists and may be sent.
+    /// The digest of the request inputs, when the credential exists and may be used.
     pub fn inputs(&self, ra: &RegistryAccess) -> Option<String> {
         match self {
             Self::Found { fingerprint, .. } => fingerprint.inputs(ra),
+            Self::ServiceAccount(meta) => service_account_check(ra, meta).ok().map(|()| sa_inputs(ra, meta)),
             Self::Missing => None,
         }
     }
 
-    /// Why the next request would fail because of the client Secret, if it would.
+    /// Why the next request would fail because of the credential, if it would.
     pub fn problem(&self, ra: &RegistryAccess) -> Option<Problem> {
         match self {
             Self::Found { fingerprint, .. } => fingerprint.check(ra).err(),
-            Self::Missing => Some(credentials::not_found(ra)),
+            Self::ServiceAccount(meta) => service_account_check(ra, meta).err(),
+            Self::Missing => Some(match ra.spec.credential_source() {
+                CredentialSource::ServiceAccount { name } => Problem::fix(
+                    reason::SERVICE_ACCOUNT_NOT_FOUND,
+                    format!(
+                        "ServiceAccount {}/{name} named in spec.serviceAccountRef does not exist",
+                        ra.namespace().unwrap_or_default()
+                    ),
+                ),
+                _ => credentials::not_found(ra),
+            }),
         }
     }
 }
 
-/// The client Secret's fingerprint, from memory while the watch shows the version it was taken
-/// of; otherwise the Secret is read and a new fingerprint taken.
+fn sa_inputs(ra: &RegistryAccess, meta: &ServiceAccountMeta) -> String {
+    credentials::inputs_digest(ra, &format!("uid:{}", meta.uid))
+}
+
+/// The audience of the ServiceAccount tokens presented for `ra`: `spec.serviceAccountRef.audience`,
+/// else the realm's issuer.
+pub fn audience(ra: &RegistryAccess) -> Result<String, Problem> {
+    if let Some(aud) = ra.spec.service_account_ref.as_ref().and_then(|r| r.audience.clone()) {
+        return Ok(aud);
+    }
+    token::token_url(&ra.spec.server, &ra.spec.realm)
+        .map(|url| token::realm_issuer(&url))
+        .map_err(|message| Problem::fix(reason::INVALID_SPEC, message))
+}
+
+/// Whether the ServiceAccount opted in to have its tokens presented to `ra`'s Keycloak issuer.
+fn service_account_check(ra: &RegistryAccess, meta: &ServiceAccountMeta) -> Result<(), Problem> {
+    let audience = audience(ra)?;
+    let ns = ra.namespace().unwrap_or_default();
+    let name = ra.spec.service_account_ref.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
+    let allowed = meta.issuers.as_deref().unwrap_or_default();
+    if policy::server_allowed_nonempty(&audience, allowed) {
+        return Ok(());
+    }
+    let what = match &meta.issuers {
+        None => "has no annotation".to_owned(),
+        Some(list) => format!("lists only {} in its annotation", list.join(", ")),
+    };
+    Err(Problem::fix(
+        reason::SERVICE_ACCOUNT_NOT_OPTED_IN,
+        format!(
+            "ServiceAccount {ns}/{name} {what} {KEYCLOAK_ISSUERS_ANNOTATION}, so no token of it is made for {audience}: \
+             someone who may edit ServiceAccounts in namespace {ns} can allow it with \
+             `kubectl annotate serviceaccount {name} -n {ns} {KEYCLOAK_ISSUERS_ANNOTATION}={audience}`"
+        ),
+    ))
+}
+
+/// The credential's state: a Secret's fingerprint from memory while the watch shows the version
+/// it was taken of (otherwise the Secret is read and a new fingerprint taken), or the
+/// ServiceAccount as the watch shows it (read when the watch has not seen it).
 pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientSecret, Error> {
-    let key = Key::new(&ra.namespace().unwrap_or_default(), &ra.spec.client_secret_ref.name);
-    if let Some(fingerprint) = ctx.index.fingerprint(&key) {
-        return Ok(ClientSecret::Found { fingerprint, read: None });
-    }
-    Ok(match read_client_secret(ra, ctx).await? {
-        Some(s) => {
-            let fingerprint = Arc::new(Fingerprint::of(&s, &ctx.digest_key));
-            ctx.index.set_fingerprint(key, fingerprint.clone());
-            ClientSecret::Found { fingerprint, read: Some(Box::new(s)) }
+    let namespace = ra.namespace().unwrap_or_default();
+    match ra.spec.credential_source() {
+        CredentialSource::Missing => Ok(ClientSecret::Missing),
+        CredentialSource::ServiceAccount { name } => {
+            let key = Key::new(&namespace, name);
+            if let Some(meta) = ctx.index.service_account(&key) {
+                return Ok(ClientSecret::ServiceAccount(meta));
+            }
+            let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+            let read = within(ctx.api_timeout, api.get_metadata_opt(name)).await.map_err(|source| {
+                Error::ReadServiceAccount { namespace: namespace.clone(), name: name.to_owned(), source }
+            })?;
+            Ok(match read {
+                Some(sa) => ClientSecret::ServiceAccount(service_account_meta(&sa.metadata)),
+                None => ClientSecret::Missing,
+            })
         }
-        None => ClientSecret::Missing,
-    })
+        CredentialSource::Secret { name, .. } => {
+            let key = Key::new(&namespace, name);
+            if let Some(fingerprint) = ctx.index.fingerprint(&key) {
+                return Ok(ClientSecret::Found { fingerprint, read: None });
+            }
+            Ok(match read_secret(ctx, &namespace, name).await? {
+                Some(s) => {
+                    let fingerprint = Arc::new(Fingerprint::of(&s, &ctx.digest_key));
+                    ctx.index.set_fingerprint(key, fingerprint.clone());
+                    ClientSecret::Found { fingerprint, read: Some(Box::new(s)) }
+                }
+                None => ClientSecret::Missing,
+            })
+        }
+    }
 }
 
-/// Reads the client Secret, value included.
-async fn read_client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<Option<Secret>, Error> {
-    let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.spec.client_secret_ref.name.clone());
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    within(ctx.api_timeout, api.get_opt(&name)).await.map_err(|source| Error::ReadClientSecret {
-        namespace,
-        name,
+/// What the operator keeps of a ServiceAccount's metadata.
+pub fn service_account_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ServiceAccountMeta {
+    ServiceAccountMeta {
+        uid: meta.uid.clone().unwrap_or_default(),
+        issuers: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(KEYCLOAK_ISSUERS_ANNOTATION))
+            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+    }
+}
+
+/// Reads a credential Secret, value included.
+async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    within(ctx.api_timeout, api.get_opt(name)).await.map_err(|source| Error::ReadClientSecret {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
         source,
     })
 }
@@ -115,8 +204,9 @@ pub fn spec_problem(ra: &RegistryAccess, policy: &Policy) -> Option<Problem> {
     policy.refusal(&ra.spec.server).map(|(reason, message)| Problem::fix(reason, message))
 }
 
-/// Everything a token request needs: the client secret (read now), the token URL and the CA
-/// bundle. The request inputs returned are those of the client Secret actually read.
+/// Everything a token request needs: the credential (a secret or key read now, or a
+/// ServiceAccount token minted now), the token URL and the CA bundle. The request inputs
+/// returned are those of the credential actually used.
 pub async fn request(
     ra: &RegistryAccess,
     ctx: &Context,
@@ -130,17 +220,8 @@ pub async fn request(
         Err(message) => return Ok(Err(Problem::fix(reason::INVALID_SPEC, message))),
     };
     let namespace = ra.namespace().unwrap_or_default();
-    let secret = match client {
-        ClientSecret::Missing => None,
-        ClientSecret::Found { read: Some(s), .. } => Some(*s),
-        ClientSecret::Found { read: None, .. } => read_client_secret(ra, ctx).await?,
-    };
-    let credentials = match credentials::extract(ra, secret.as_ref(), &ctx.digest_key) {
-        Ok((credentials, fingerprint)) => {
-            let key = Key::new(&namespace, &ra.spec.client_secret_ref.name);
-            ctx.index.set_fingerprint(key, Arc::new(fingerprint));
-            credentials
-        }
+    let (credential, inputs) = match credential(ra, ctx, client, &namespace).await? {
+        Ok(c) => c,
         Err(problem) => return Ok(Err(problem)),
     };
     let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace, ctx.api_timeout).await? {
@@ -150,10 +231,118 @@ pub async fn request(
     let request = OwnedRequest {
         token_url,
         client_id: ra.spec.client_id.clone(),
-        client_secret: credentials.client_secret,
-        auth_method: ra.spec.client_auth_method,
+        credential,
         scopes: ra.spec.scopes.clone(),
         ca_bundle,
     };
-    Ok(Ok((request, credentials.inputs)))
+    Ok(Ok((request, inputs)))
 }
+
+/// The credential of a request and its inputs digest.
+async fn credential(
+    ra: &RegistryAccess,
+    ctx: &Context,
+    client: ClientSecret,
+    namespace: &str,
+) -> Result<Result<(Credential, String), Problem>, Error> {
+    if let ClientSecret::ServiceAccount(meta) = &client {
+        if let Err(problem) = service_account_check(ra, meta) {
+            return Ok(Err(problem));
+        }
+        let name = ra.spec.service_account_ref.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
+        let audience = match audience(ra) {
+            Ok(a) => a,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        return Ok(match mint(ctx, namespace, name, &meta.uid, &audience).await {
+            Ok(token) => Ok((Credential::ServiceAccountToken(token), sa_inputs(ra, meta))),
+            Err(problem) => Err(problem),
+        });
+    }
+    let secret = match (client, ra.spec.credential_source()) {
+        (ClientSecret::Found { read: Some(s), .. }, _) => Some(*s),
+        (_, CredentialSource::Secret { name, .. }) => read_secret(ctx, namespace, name).await?,
+        _ => None,
+    };
+    let (credentials, fingerprint) = match credentials::extract(ra, secret.as_ref(), &ctx.digest_key) {
+        Ok(found) => found,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    if let CredentialSource::Secret { name, .. } = ra.spec.credential_source() {
+        ctx.index.set_fingerprint(Key::new(namespace, name), Arc::new(fingerprint));
+    }
+    let value = credentials.client_secret;
+    let credential = match ra.spec.client_auth_method {
+        ClientAuthMethod::ClientSecretPost => Credential::SecretPost(value),
+        ClientAuthMethod::ClientSecretBasic => Credential::SecretBasic(value),
+        ClientAuthMethod::ClientSecretJwt => Credential::SecretJwt(value),
+        ClientAuthMethod::PrivateKeyJwt => {
+            let kid = ra.spec.private_key_ref.as_ref().and_then(|r| r.key_id.clone());
+            match SigningKey::from_pem(value.expose_secret(), kid) {
+                Ok(key) => Credential::PrivateKey(Arc::new(key)),
+                Err(why) => {
+                    let name = ra.spec.private_key_ref.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
+                    return Ok(Err(Problem::fix(
+                        reason::PRIVATE_KEY_INVALID,
+                        format!("the key in Secret {namespace}/{name} named in spec.privateKeyRef is {why}"),
+                    )));
+                }
+            }
+        }
+        ClientAuthMethod::ServiceAccount => return Ok(Err(credentials::no_source(ra))),
+    };
+    Ok(Ok((credential, credentials.inputs)))
+}
+
+/// A token of the ServiceAccount for `audience`, minted with the TokenRequest API for the
+/// shortest lifetime the API server allows, or one minted moments ago for the same
+/// ServiceAccount (same uid) and audience. Never written anywhere.
+async fn mint(ctx: &Context, namespace: &str, name: &str, uid: &str, audience: &str) -> Result<SecretString, Problem> {
+    if let Some(token) = ctx.minted.young(uid, audience) {
+        return Ok(token);
+    }
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(MINTED_LIFETIME_SECS),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    ctx.metrics.service_account_token_requested();
+    match within(ctx.api_timeout, api.create_token_request(name, &PostParams::default(), &request)).await {
+        Ok(answer) => {
+            let token = SecretString::from(answer.status.map(|s| s.token).unwrap_or_default());
+            if token.expose_secret().is_empty() {
+                return Err(Problem::transient(
+                    reason::SERVICE_ACCOUNT_TOKEN_REFUSED,
+                    format!("the TokenRequest API answered without a token for ServiceAccount {namespace}/{name}"),
+                ));
+            }
+            ctx.minted.keep(uid, audience, token.clone());
+            Ok(token)
+        }
+        Err(e) => {
+            let (transient, hint) = match &e {
+                kube::Error::Api(s) if s.code == 403 => {
+                    (false, "; the operator needs create on serviceaccounts/token in this namespace")
+                }
+                kube::Error::Api(s) if s.code == 404 => (true, "; the ServiceAccount was deleted"),
+                _ => (true, ""),
+            };
+            let message = format!(
+                "a token for ServiceAccount {namespace}/{name} could not be made: {}{hint}",
+                crate::failure::api_summary(&e)
+            );
+            Err(if transient {
+                Problem::transient(reason::SERVICE_ACCOUNT_TOKEN_REFUSED, message)
+            } else {
+                Problem::fix(reason::SERVICE_ACCOUNT_TOKEN_REFUSED, message)
+            })
+        }
+    }
+}
+
+/// Lifetime asked for minted ServiceAccount tokens: the shortest the API server allows.
+const MINTED_LIFETIME_SECS: i64 = 600;

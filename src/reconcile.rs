@@ -20,6 +20,7 @@ use crate::failure::{Error, Problem, reason};
 use crate::index::{Index, Key};
 use crate::issuer::{Issuer, Job};
 use crate::metrics::Metrics;
+use crate::minted::Minted;
 use crate::policy::Policy;
 use crate::read;
 use crate::secret::{self, HeldToken, MANAGER, Observed};
@@ -52,6 +53,8 @@ pub struct Context {
     /// The longest a pod's mounted Secret lags an update (the kubelet's sync): a token renewed
     /// with less validity left than this may expire in a pod before the pod sees its successor.
     pub mount_delay: Duration,
+    /// ServiceAccount tokens minted moments ago.
+    pub minted: Minted,
     undecodable: Mutex<HashSet<Key>>,
 }
 
@@ -84,6 +87,7 @@ impl Context {
             policy: settings.policy,
             digest_key: settings.digest_key,
             mount_delay: settings.mount_delay,
+            minted: Minted::default(),
             undecodable: Mutex::new(HashSet::new()),
         }
     }
@@ -246,13 +250,17 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
         failure: failure.as_ref(),
         upcoming: upcoming.as_ref().map(|p| (p.reason, p.message.as_str())),
         timing: timing.as_ref().map(|(r, m)| (*r, m.as_str())),
+        required_roles: &ra.spec.required_roles,
         previous: ra.status.as_ref(),
     });
-    let ready = held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict;
+    let roles_ok = held.as_ref().is_none_or(|t| status::roles_problem(&ra.spec.required_roles, t).is_none());
+    let ready = held.as_ref().is_some_and(|t| t.expires_at > now) && !conflict && roles_ok;
+    let missing_roles = status::missing_roles_count(&ra.spec.required_roles, held.as_ref());
     let issued = matches!(step, Step::Attempted { issued: true, .. });
     let expires_at = held.as_ref().map(|t| t.expires_at.as_second());
     let write_status = !matches!(step, Step::Pending { now: true });
-    report::object(ctx, ra, report::Report { status: &status, write_status, issued, expires_at, ready }).await?;
+    report::object(ctx, ra, report::Report { status: &status, write_status, issued, expires_at, ready, missing_roles })
+        .await?;
 
     // Look again at the next renewal or retry; a token that expires meanwhile is reported.
     let next = match step {

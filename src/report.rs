@@ -25,6 +25,8 @@ pub struct Report<'a> {
     /// Unix time the held token expires.
     pub expires_at: Option<i64>,
     pub ready: bool,
+    /// Required roles the token lacks (-1: it has no roles claim); `None` without requiredRoles.
+    pub missing_roles: Option<i64>,
 }
 
 /// Writes the status when it changed, the object's metrics, and the Events of the change (which
@@ -32,7 +34,7 @@ pub struct Report<'a> {
 pub async fn object(ctx: &Context, ra: &RegistryAccess, r: Report<'_>) -> Result<(), Error> {
     let key =
         Key::new(ra.meta().namespace.as_deref().unwrap_or_default(), ra.meta().name.as_deref().unwrap_or_default());
-    ctx.metrics.set_object(&key.namespace, &key.name, r.expires_at, r.ready);
+    ctx.metrics.set_object(&key.namespace, &key.name, r.expires_at, r.ready, r.missing_roles);
     let uid = ra.meta().uid.as_deref().unwrap_or_default();
     let digest = digest(r.status);
     if !r.write_status || !status_changed(ctx.states.status_written(uid), ra.status.as_ref(), r.status, digest) {

@@ -155,6 +155,7 @@ pub fn read_token(live: &Secret) -> Option<(IssuedToken, Option<String>)> {
             issued_at,
             expires_at,
             scope: annotations.get(SCOPE_ANNOTATION).cloned(),
+            roles_claim: claims.roles_claim,
             realm_roles: claims.realm_roles,
         },
         annotations.get(INPUTS_ANNOTATION).cloned(),
@@ -215,6 +216,7 @@ pub(crate) mod tests {
             expires_at: Timestamp::from_second(expires).unwrap(),
             scope: Some("profile email".into()),
             realm_roles: vec!["trembita-invoker".into()],
+            roles_claim: true,
         }
     }
 

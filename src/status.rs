@@ -31,6 +31,8 @@ pub struct StatusInputs<'a> {
     /// A warning about the renewal timing (see [`crate::schedule::timing_warning`]): reported as
     /// Degraded while nothing worse is.
     pub timing: Option<(&'static str, &'a str)>,
+    /// Realm roles the token must grant (spec.requiredRoles).
+    pub required_roles: &'a [String],
     pub previous: Option<&'a RegistryAccessStatus>,
 }
 
@@ -40,6 +42,9 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
     let valid = i.token.filter(|t| t.expires_at > i.now);
     let (ready, ready_reason, ready_message) = if i.conflict {
         (false, reason::SECRET_CONFLICT, conflict_message(i.secret_name))
+    } else if let Some((reason, message)) = valid.and_then(|t| roles_problem(i.required_roles, t)) {
+        let t = valid.map(|t| rfc3339(t.expires_at)).unwrap_or_default();
+        (false, reason, format!("{message}; Secret {} holds that token, valid until {t}", i.secret_name))
     } else if let Some(t) = valid {
         let mut m = format!("Secret {} holds a token valid until {}", i.secret_name, rfc3339(t.expires_at));
         if let Some(p) = &i.plan {
@@ -102,6 +107,51 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
         last_failure_time: i.failure.map(|f| time(f.at)),
         conditions,
     }
+}
+
+/// What is wrong with a token's roles, if anything: roles of `required` it lacks, or no roles
+/// claim at all (a lightweight access token), so that they cannot be checked.
+pub fn roles_problem(required: &[String], token: &TokenFacts) -> Option<(&'static str, String)> {
+    if required.is_empty() {
+        return None;
+    }
+    if !token.roles_claim {
+        return Some((
+            reason::ROLES_NOT_IN_TOKEN,
+            format!(
+                "the token has no realm_access claim (Keycloak issues lightweight access tokens for this client?), \
+                 so spec.requiredRoles ({}) cannot be checked: turn lightweight access tokens off for the client or \
+                 drop requiredRoles",
+                required.join(", ")
+            ),
+        ));
+    }
+    let missing: Vec<&str> = required.iter().filter(|r| !token.realm_roles.contains(r)).map(String::as_str).collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let granted = if token.realm_roles.is_empty() { "none".to_owned() } else { token.realm_roles.join(", ") };
+    Some((
+        reason::REQUIRED_ROLES_MISSING,
+        format!(
+            "the token lacks the required realm role(s) {} (it grants: {granted}): grant them to the client's \
+             service account in Keycloak, then ask for a new token with the refresh annotation",
+            missing.join(", ")
+        ),
+    ))
+}
+
+/// How many required roles the token lacks, for the metric: -1 when it has no roles claim;
+/// `None` without required roles.
+pub fn missing_roles_count(required: &[String], token: Option<&TokenFacts>) -> Option<i64> {
+    if required.is_empty() {
+        return None;
+    }
+    let token = token?;
+    if !token.roles_claim {
+        return Some(-1);
+    }
+    Some(required.iter().filter(|r| !token.realm_roles.contains(r)).count() as i64)
 }
 
 fn conflict_message(secret_name: &str) -> String {
@@ -171,8 +221,34 @@ mod tests {
             failure,
             upcoming: None,
             timing: None,
+            required_roles: &[],
             previous: None,
         }
+    }
+
+    #[test]
+    fn required_roles_are_checked_against_the_token() {
+        let t = token(T0, T0 + 300);
+        let required = vec!["trembita-invoker".to_owned(), "auditor".to_owned()];
+        let mut i = inputs(10, Some(&t), None);
+        i.required_roles = &required;
+        let s = build(&i);
+        let (status, why, message) = cond(&s, READY);
+        assert_eq!((status, why), ("False", reason::REQUIRED_ROLES_MISSING));
+        assert!(message.contains("auditor") && !message.contains("role(s) trembita-invoker"), "{message}");
+        assert!(message.contains("consent-02-token"), "{message}");
+        assert_eq!(s.granted_roles, vec!["trembita-invoker"], "the token is still reported");
+        assert_eq!(missing_roles_count(&required, Some(&t)), Some(1));
+        let enough = vec!["trembita-invoker".to_owned()];
+        i.required_roles = &enough;
+        assert_eq!(cond(&build(&i), READY).1, reason::TOKEN_VALID);
+        let mut light = t.clone();
+        light.roles_claim = false;
+        light.realm_roles.clear();
+        let i = StatusInputs { token: Some(&light), required_roles: &enough, ..inputs(10, Some(&light), None) };
+        assert_eq!(cond(&build(&i), READY).1, reason::ROLES_NOT_IN_TOKEN);
+        assert_eq!(missing_roles_count(&enough, Some(&light)), Some(-1));
+        assert_eq!(missing_roles_count(&[], Some(&light)), None);
     }
 
     #[test]

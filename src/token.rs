@@ -13,7 +13,7 @@ use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::api::ClientAuthMethod;
+use crate::assertion::{self, Credential, JWT_BEARER};
 use crate::jwt;
 
 /// Largest token response body accepted; Keycloak's are a few KiB.
@@ -31,8 +31,7 @@ const MAX_DESCRIPTION_CHARS: usize = 200;
 pub struct TokenRequest<'a> {
     pub token_url: &'a Url,
     pub client_id: &'a str,
-    pub client_secret: &'a SecretString,
-    pub auth_method: ClientAuthMethod,
+    pub credential: &'a Credential,
     pub scopes: &'a [String],
     /// PEM CA certificates to trust for this request, in addition to the client's own.
     pub ca_bundle: Option<&'a str>,
@@ -48,6 +47,8 @@ pub struct IssuedToken {
     pub scope: Option<String>,
     /// The token's `realm_access.roles`.
     pub realm_roles: Vec<String>,
+    /// The token has a `realm_access` claim at all.
+    pub roles_claim: bool,
 }
 
 /// What the operator keeps of a token without the token itself: enough to plan its renewal and
@@ -58,6 +59,8 @@ pub struct TokenFacts {
     pub expires_at: Timestamp,
     pub scope: Option<String>,
     pub realm_roles: Vec<String>,
+    /// The token has a `realm_access` claim at all.
+    pub roles_claim: bool,
 }
 
 impl IssuedToken {
@@ -67,6 +70,7 @@ impl IssuedToken {
             expires_at: self.expires_at,
             scope: self.scope.clone(),
             realm_roles: self.realm_roles.clone(),
+            roles_claim: self.roles_claim,
         }
     }
 }
@@ -100,7 +104,7 @@ pub enum TokenError {
         "Keycloak answered {status} with a redirect to {location:?}; redirects are not followed for token requests"
     )]
     Redirect { status: u16, location: Option<String> },
-    #[error("Keycloak rejected the client credentials ({status} {error}{}): check clientId and the client secret", describe(.description))]
+    #[error("Keycloak rejected the client credentials ({status} {error}{}): check clientId and the client's credential (its secret, its key, or the ServiceAccount its Keycloak client is bound to)", describe(.description))]
     InvalidClient { status: u16, error: String, description: Option<String> },
     #[error("the client may not use the client_credentials grant ({status} {error}{}): enable service accounts for the client in Keycloak", describe(.description))]
     ServiceAccountsDisabled { status: u16, error: String, description: Option<String> },
@@ -116,6 +120,15 @@ pub enum TokenError {
     InvalidResponse(String),
     #[error("the CA bundle is unusable: {0}")]
     InvalidCaBundle(String),
+    #[error("{0}")]
+    Assertion(String),
+}
+
+/// The realm's issuer, `{server}/realms/{realm}`, from its token endpoint URL: the audience of
+/// client assertions.
+pub fn realm_issuer(token_url: &Url) -> String {
+    let url = token_url.as_str();
+    url.strip_suffix("/protocol/openid-connect/token").unwrap_or(url).to_owned()
 }
 
 fn after(retry_after: &Option<Duration>) -> String {
@@ -213,13 +226,29 @@ impl TokenClient {
         }
         let http = self.client_for(req.ca_bundle)?;
         let mut builder = http.post(req.token_url.clone()).header(ACCEPT, "application/json");
-        match req.auth_method {
-            ClientAuthMethod::ClientSecretPost => {
+        let made = assertion::assertion(req.credential, req.client_id, &realm_issuer(req.token_url), now)
+            .transpose()
+            .map_err(TokenError::Assertion)?;
+        match (req.credential, &made) {
+            (Credential::SecretPost(secret), _) => {
                 form.push(("client_id", req.client_id));
-                form.push(("client_secret", req.client_secret.expose_secret()));
+                form.push(("client_secret", secret.expose_secret()));
             }
-            ClientAuthMethod::ClientSecretBasic => {
-                builder = builder.header(AUTHORIZATION, basic_auth(req.client_id, req.client_secret)?);
+            (Credential::SecretBasic(secret), _) => {
+                builder = builder.header(AUTHORIZATION, basic_auth(req.client_id, secret)?);
+            }
+            (Credential::ServiceAccountToken(token), _) => {
+                // Keycloak finds the client from the token's issuer and subject: no client_id.
+                form.push(("client_assertion_type", JWT_BEARER));
+                form.push(("client_assertion", token.expose_secret()));
+            }
+            (Credential::SecretJwt(_) | Credential::PrivateKey(_), Some(signed)) => {
+                form.push(("client_id", req.client_id));
+                form.push(("client_assertion_type", JWT_BEARER));
+                form.push(("client_assertion", signed.expose_secret()));
+            }
+            (Credential::SecretJwt(_) | Credential::PrivateKey(_), None) => {
+                return Err(TokenError::Assertion("no assertion was made".into()));
             }
         }
         let body = serde_urlencoded_form(&form);
@@ -384,6 +413,7 @@ pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenEr
         issued_at: now,
         expires_at,
         scope,
+        roles_claim: claims.as_ref().is_some_and(|c| c.roles_claim),
         realm_roles: claims.map(|c| c.realm_roles).unwrap_or_default(),
     })
 }

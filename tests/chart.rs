@@ -556,6 +556,16 @@ async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc<Env
     k8s::apply_ra(&admin, app, "svc", spec(&env, "chart-cluster")).await?;
     wait_condition(&admin, app, "svc", "Ready", "True", "TokenValid", Duration::from_secs(60)).await?;
     wait_refresh(&admin, app, "svc-token", Duration::from_secs(30)).await?;
+    // Without a client secret: the chart's permissions let the operator follow the
+    // ServiceAccount and mint its tokens.
+    k8s::put_service_account(&admin, app, "registry-client", Some(&env.keycloak.issuer(REALM))).await?;
+    env.keycloak.create_federated_client(REALM, "chart-federated", app, "registry-client", None).await?;
+    let federated = json!({
+        "server": env.keycloak.base_url, "realm": REALM, "clientId": "chart-federated",
+        "clientAuthMethod": "service_account", "serviceAccountRef": {"name": "registry-client"},
+    });
+    k8s::apply_ra(&admin, app, "federated", federated).await?;
+    wait_condition(&admin, app, "federated", "Ready", "True", "TokenValid", Duration::from_secs(60)).await?;
     operator.check_alive()?;
     let logs = operator.logs();
     assert!(

@@ -23,6 +23,7 @@ use support::case::*;
 use support::k8s::{self, condition, wait_condition};
 use support::keycloak::{self, REALM, ROLE};
 use support::operator::Operator;
+use support::pki::ClientKeyType;
 use support::{Env, Result};
 
 // ---- the tests ----
@@ -899,6 +900,201 @@ async fn environment_supports_secretless_client_authentication(env: Arc<Env>) ->
     Ok(())
 }
 
+/// A ServiceAccount, opted in with its annotation, authenticates the client: no secret is stored
+/// anywhere, Keycloak says federated-jwt, tokens are refreshed over several lifetimes; a recreated
+/// ServiceAccount gets a new token; a deleted one keeps the last token and says why.
+async fn service_account_authenticates_without_any_secret(env: Arc<Env>) -> Result<()> {
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_operator_args(env, "federated", &[probe.as_str(), "--kubelet-sync-period=0s"]).await?;
+    let issuer = c.kc().issuer(REALM);
+    k8s::put_service_account(&c.client, &c.ns, "registry-client", Some(&issuer)).await?;
+    let client_id = unique("federated");
+    c.kc().create_federated_client(REALM, &client_id, &c.ns, "registry-client", Some(20)).await?;
+    let spec = |sa: &str, client_id: &str| {
+        json!({
+            "server": c.kc().base_url, "realm": REALM, "clientId": client_id,
+            "clientAuthMethod": "service_account", "serviceAccountRef": {"name": sa},
+            "requiredRoles": [ROLE],
+        })
+    };
+    c.ra("fed", spec("registry-client", &client_id)).await?;
+    let status = c.ready("fed").await?;
+    assert!(status.granted_roles.iter().any(|r| r == ROLE), "{:?}", status.granted_roles);
+    let first = c.access_token("fed-token").await?;
+    let claims = verified_claims(c.kc(), &first).await?;
+    assert_eq!(claims["azp"], client_id.as_str());
+    let events = c.kc().grant_events(REALM, &client_id).await?;
+    assert!(
+        events.iter().all(|e| e["details"]["client_auth_method"] == "federated-jwt"),
+        "Keycloak's events: {events:?}"
+    );
+    // Nothing secret is stored: the namespace's only Secret is the token Secret.
+    let secrets: Vec<String> = Api::<Secret>::namespaced(c.client.clone(), &c.ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert_eq!(secrets, ["fed-token"], "Secrets in the namespace");
+
+    // Refreshed over two lifetimes of 20 s tokens.
+    let mut seen = BTreeSet::from([first.clone()]);
+    let t = Instant::now();
+    while seen.len() < 3 {
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(format!("only {} tokens in 60 s of 20 s tokens", seen.len()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        seen.insert(c.access_token("fed-token").await?);
+    }
+
+    // Not opted in: its reason, no TokenRequest, no grant (a Keycloak client for it exists).
+    k8s::put_service_account(&c.client, &c.ns, "plain", None).await?;
+    let plain_client = unique("plain");
+    c.kc().create_federated_client(REALM, &plain_client, &c.ns, "plain", None).await?;
+    let minted = |text: &str| sample(text, "registry_access_service_account_token_requests_total").unwrap_or(0.0);
+    let before = minted(&scrape_until(port, "metrics", |_| true).await?);
+    c.ra("plain", spec("plain", &plain_client)).await?;
+    let s = wait_condition(
+        &c.client,
+        &c.ns,
+        "plain",
+        "Ready",
+        "False",
+        "ServiceAccountNotOptedIn",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let message = condition(&s, "Ready").ok_or("no Ready")?.2;
+    assert!(message.contains("kubectl annotate serviceaccount plain"), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        minted(&scrape_until(port, "metrics", |_| true).await?),
+        before,
+        "a TokenRequest for a ServiceAccount that did not opt in"
+    );
+    assert_eq!(c.kc().grants(REALM, &plain_client).await?, 0);
+
+    // A Keycloak client bound to another ServiceAccount refuses this one's token.
+    k8s::put_service_account(&c.client, &c.ns, "other", Some(&issuer)).await?;
+    c.ra("other", spec("other", &client_id)).await?;
+    wait_condition(&c.client, &c.ns, "other", "Ready", "False", "InvalidClientCredentials", Duration::from_secs(30))
+        .await?;
+
+    // Deleted: the last token stays, the reason says why; recreated: a new token at once.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(c.client.clone(), &c.ns);
+    sas.delete("registry-client", &DeleteParams::default()).await?;
+    let kept = c.access_token("fed-token").await?;
+    wait_condition(&c.client, &c.ns, "fed", "Degraded", "True", "ServiceAccountNotFound", Duration::from_secs(30))
+        .await?;
+    assert!(
+        c.access_token("fed-token").await? == kept || c.token_secret("fed-token").await?.is_some(),
+        "the token Secret was removed"
+    );
+    let grants_before = c.kc().grants(REALM, &client_id).await?;
+    k8s::put_service_account(&c.client, &c.ns, "registry-client", Some(&issuer)).await?;
+    wait_until("a token for the recreated ServiceAccount", Duration::from_secs(15), || async {
+        c.kc().grants(REALM, &client_id).await.is_ok_and(|g| g > grants_before)
+    })
+    .await?;
+    c.ready("fed").await?;
+    c.finish().await
+}
+
+/// private_key_jwt with an EC and an RSA key, client_secret_jwt; a wrong key and an unparsable
+/// one get their reasons. Each assertion is single-use in Keycloak: refreshes prove they are fresh.
+async fn signed_jwt_client_authentication(env: Arc<Env>) -> Result<()> {
+    let c = Case::with_operator_args(env, "signed-jwt", &["--kubelet-sync-period=0s"]).await?;
+    let mut clients = Vec::new();
+    for (kind, name) in [(ClientKeyType::EcP256, "ec"), (ClientKeyType::Rsa2048, "rsa")] {
+        let key = support::pki::client_key(kind, name)?;
+        let client_id = unique(&format!("pkjwt-{name}"));
+        c.kc().create_private_key_jwt_client(REALM, &client_id, &key, Some(20)).await?;
+        for line in key.private_key_pem.lines().filter(|l| l.len() > 40) {
+            c.sensitive(line);
+        }
+        let secret = format!("{name}-key");
+        k8s::put_client_secret(&c.client, &c.ns, &secret, &[("tls.key", &key.private_key_pem)]).await?;
+        c.ra(
+            name,
+            json!({
+                "server": c.kc().base_url, "realm": REALM, "clientId": client_id,
+                "clientAuthMethod": "private_key_jwt", "privateKeyRef": {"name": secret},
+            }),
+        )
+        .await?;
+        clients.push((name, client_id, key));
+    }
+    let jwt = c.kc().create_client_secret_jwt_client(REALM, &unique("csjwt"), None).await?;
+    c.client_secret("csjwt-creds", &jwt.secret).await?;
+    c.ra(
+        "csjwt",
+        json!({
+            "server": c.kc().base_url, "realm": REALM, "clientId": jwt.client_id,
+            "clientAuthMethod": "client_secret_jwt", "clientSecretRef": {"name": "csjwt-creds"},
+        }),
+    )
+    .await?;
+    for (name, client_id, _) in &clients {
+        c.ready(name).await?;
+        let claims = verified_claims(c.kc(), &c.access_token(&format!("{name}-token")).await?).await?;
+        assert_eq!(claims["azp"], client_id.as_str());
+    }
+    c.ready("csjwt").await?;
+    let events = c.kc().grant_events(REALM, &jwt.client_id).await?;
+    assert!(events.iter().all(|e| e["details"]["client_auth_method"] == "client-secret-jwt"), "{events:?}");
+
+    // Three tokens of 20 s each for the EC client: three fresh assertions accepted.
+    let (_, ec_client, _) = &clients[0];
+    wait_until("three grants with fresh assertions", Duration::from_secs(60), || async {
+        c.kc().grants(REALM, ec_client).await.is_ok_and(|g| g >= 3)
+    })
+    .await?;
+    c.ready("ec").await?;
+
+    // The wrong key (the RSA client's key for the EC client) and an unparsable one.
+    let (_, _, rsa_key) = &clients[1];
+    k8s::put_client_secret(&c.client, &c.ns, "ec-key", &[("tls.key", &rsa_key.private_key_pem)]).await?;
+    wait_condition(&c.client, &c.ns, "ec", "Degraded", "True", "InvalidClientCredentials", Duration::from_secs(30))
+        .await?;
+    k8s::put_client_secret(
+        &c.client,
+        &c.ns,
+        "rsa-key",
+        &[("tls.key", "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")],
+    )
+    .await?;
+    let s = wait_condition(&c.client, &c.ns, "rsa", "Degraded", "True", "PrivateKeyInvalid", Duration::from_secs(30))
+        .await?;
+    assert!(condition(&s, "Degraded").ok_or("no Degraded")?.2.contains("rsa-key"));
+    c.finish().await
+}
+
+/// requiredRoles: the documented client has trembita-invoker; a role it lacks is named.
+async fn required_roles_are_checked(env: Arc<Env>) -> Result<()> {
+    let c = Case::new(env, "roles").await?;
+    c.client_secret("test-ext-credentials", keycloak::TEST_EXT_SECRET).await?;
+    let mut spec = c.spec(c.kc(), keycloak::TEST_EXT, "test-ext-credentials");
+    spec["requiredRoles"] = json!([ROLE]);
+    c.ra("granted", spec.clone()).await?;
+    c.ready("granted").await?;
+    spec["requiredRoles"] = json!([ROLE, "registry-auditor"]);
+    c.ra("lacking", spec).await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "lacking", "Ready", "False", "RequiredRolesMissing", Duration::from_secs(30))
+            .await?;
+    let message = condition(&s, "Ready").ok_or("no Ready")?.2;
+    assert!(message.contains("registry-auditor") && !message.contains(&format!("role(s) {ROLE}")), "{message}");
+    assert!(s.granted_roles.iter().any(|r| r == ROLE));
+    assert!(
+        c.token_secret("lacking-token").await?.is_some_and(|d| d.contains_key("access_token")),
+        "the token is still written"
+    );
+    c.finish().await
+}
+
 fn main() {
     // Most of a test is waiting for tokens to age: run several at once.
     support::harness::run(
@@ -924,6 +1120,9 @@ fn main() {
             renaming_the_token_secret_retires_the_old_one,
             too_short_slack_is_warned,
             environment_supports_secretless_client_authentication,
+            service_account_authenticates_without_any_secret,
+            signed_jwt_client_authentication,
+            required_roles_are_checked,
         ],
         4,
     )

@@ -62,8 +62,26 @@ async fn broken_objects_are_refused_with_the_field_named(env: Arc<Env>) -> Resul
         (
             "unknown clientAuthMethod",
             "auth-method".into(),
-            with(&["clientAuthMethod"], json!("private_key_jwt")),
+            with(&["clientAuthMethod"], json!("tls_client_auth")),
             "spec.clientAuthMethod",
+        ),
+        (
+            "service_account without serviceAccountRef",
+            "sa-without-ref".into(),
+            with(&["clientAuthMethod"], json!("service_account")),
+            "serviceAccountRef is required",
+        ),
+        (
+            "private_key_jwt without privateKeyRef",
+            "key-without-ref".into(),
+            with(&["clientAuthMethod"], json!("private_key_jwt")),
+            "privateKeyRef is required",
+        ),
+        (
+            "serviceAccountRef with a client secret method",
+            "secret-and-sa".into(),
+            with(&["serviceAccountRef"], json!({"name": "builder"})),
+            "serviceAccountRef is required with clientAuthMethod service_account, and not allowed",
         ),
         ("negative renewBefore", "negative".into(), with(&["renewBefore"], json!("-5s")), "spec.renewBefore"),
         ("unparsable renewBefore", "unparsable".into(), with(&["renewBefore"], json!("soon")), "spec.renewBefore"),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 use registry_access_operator::api::ClientAuthMethod;
+use registry_access_operator::assertion::Credential;
 use registry_access_operator::token::{ClientConfig, TokenClient, TokenError, TokenRequest};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
@@ -96,14 +97,13 @@ async fn request(
     scopes: &[String],
 ) -> Result<registry_access_operator::token::IssuedToken, TokenError> {
     let secret = SecretString::from(SECRET);
-    let req = TokenRequest {
-        token_url: url,
-        client_id: "test-ext",
-        client_secret: &secret,
-        auth_method: method,
-        scopes,
-        ca_bundle: None,
+    let credential = match method {
+        ClientAuthMethod::ClientSecretBasic => Credential::SecretBasic(secret),
+        ClientAuthMethod::ClientSecretJwt => Credential::SecretJwt(secret),
+        ClientAuthMethod::ServiceAccount => Credential::ServiceAccountToken(SecretString::from("sa.token.value")),
+        _ => Credential::SecretPost(secret),
     };
+    let req = TokenRequest { token_url: url, client_id: "test-ext", credential: &credential, scopes, ca_bundle: None };
     client().request(&req, Timestamp::now()).await
 }
 
@@ -142,6 +142,37 @@ async fn client_secret_basic_sends_credentials_in_the_header_only() {
     let auth = r.header("authorization").unwrap().strip_prefix("Basic ").unwrap();
     let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(auth).unwrap()).unwrap();
     assert_eq!(decoded, "test-ext:s3cr3t%2Fwith%2Bodd%26chars");
+}
+
+#[tokio::test]
+async fn assertions_are_sent_as_rfc_7523_says() {
+    let (url, seen) = server(json(200, serde_json::json!({"access_token": "tok", "expires_in": 60}))).await;
+    request(&url, ClientAuthMethod::ServiceAccount, &[]).await.unwrap();
+    request(&url, ClientAuthMethod::ClientSecretJwt, &[]).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    // A ServiceAccount token: the assertion as is, and no client_id (Keycloak finds the client
+    // from the token).
+    assert_eq!(
+        seen[0].body_text(),
+        "grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=sa.token.value"
+    );
+    assert_eq!(seen[0].header("authorization"), None);
+    // client_secret_jwt: an HS256 assertion for the realm's issuer; the secret itself never travels.
+    let body = seen[1].body_text();
+    assert!(body.starts_with("grant_type=client_credentials&client_id=test-ext&client_assertion_type="), "{body}");
+    assert!(!body.contains("s3cr3t"), "{body}");
+    let assertion = body.rsplit("client_assertion=").next().unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_audience(&[url.as_str().trim_end_matches("/protocol/openid-connect/token")]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        assertion,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!((claims["iss"].as_str(), claims["sub"].as_str()), (Some("test-ext"), Some("test-ext")));
+    assert!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 60);
 }
 
 #[tokio::test]

@@ -142,6 +142,16 @@ impl Case {
     }
 }
 
+/// Where `text` holds a compact JWT (`eyJ...` header, a dot, `eyJ...` payload), if it does.
+fn jwt_like(text: &str) -> Option<usize> {
+    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    let bytes = text.as_bytes();
+    text.match_indices("eyJ").map(|(i, _)| i).find(|&i| {
+        let header = bytes[i..].iter().take_while(|c| b64(**c)).count();
+        header >= 10 && bytes[i + header..].starts_with(b".eyJ")
+    })
+}
+
 /// Checks that no token or client secret of namespace `ns` (plus `extra`) appears in `logs`, the
 /// namespace's RegistryAccess statuses or its Events. Never prints the values themselves.
 pub async fn assert_nothing_leaked(client: &Client, ns: &str, logs: &str, extra: &BTreeSet<String>) -> Result<()> {
@@ -152,7 +162,11 @@ pub async fn assert_nothing_leaked(client: &Client, ns: &str, logs: &str, extra:
         for (k, v) in s.data.unwrap_or_default() {
             // Token Secrets: the token and the header built from it; other Secrets hold client
             // secrets.
-            let secret = if managed { k == "access_token" || k == "authorization" } else { k.contains("secret") };
+            let secret = if managed {
+                k == "access_token" || k == "authorization"
+            } else {
+                k.contains("secret") || k.ends_with(".key")
+            };
             if let (true, Ok(v)) = (secret, std::str::from_utf8(&v.0)) {
                 sensitive.insert(v.to_owned());
             }
@@ -164,6 +178,13 @@ pub async fn assert_nothing_leaked(client: &Client, ns: &str, logs: &str, extra:
     )?;
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let events = serde_json::to_string(&events.list(&ListParams::default()).await?.items)?;
+    // Whatever else: nothing shaped like a JWT (a ServiceAccount token, a client assertion, an
+    // access token) in any of the three.
+    for (what, text) in [("operator log", logs), ("status", statuses.as_str()), ("events", events.as_str())] {
+        if let Some(at) = jwt_like(text) {
+            return Err(format!("something shaped like a JWT appears in the {what} of {ns} at byte {at}").into());
+        }
+    }
     for s in &sensitive {
         let short = &s[..s.len().min(40)];
         for (what, text) in [("operator log", logs), ("status", statuses.as_str()), ("events", events.as_str())] {

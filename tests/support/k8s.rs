@@ -9,7 +9,9 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use registry_access_operator::api::{CLIENT_SECRET_LABEL, RegistryAccess, RegistryAccessStatus};
+use registry_access_operator::api::{
+    CLIENT_SECRET_LABEL, KEYCLOAK_ISSUERS_ANNOTATION, RegistryAccess, RegistryAccessStatus,
+};
 use serde_json::Value;
 
 use super::Result;
@@ -20,6 +22,19 @@ const TEST_MANAGER: &str = "e2e-test";
 pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Ok(())
+}
+
+/// Creates or updates a ServiceAccount; with `issuers`, annotated so that the operator may
+/// present its tokens to those Keycloak issuers.
+pub async fn put_service_account(client: &Client, ns: &str, name: &str, issuers: Option<&str>) -> Result<()> {
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some(name.to_owned());
+    if let Some(issuers) = issuers {
+        sa.metadata.annotations = Some([(KEYCLOAK_ISSUERS_ANNOTATION.to_owned(), issuers.to_owned())].into());
+    }
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&sa)).await?;
     Ok(())
 }
 

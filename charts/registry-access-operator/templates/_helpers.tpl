@@ -50,6 +50,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Follow the ServiceAccounts that RegistryAccess objects authenticate with (metadata only: their
+# uid and opt-in annotation), and mint short-lived tokens of them for Keycloak (TokenRequest API;
+# the operator only does so for a ServiceAccount annotated registry-access.io/keycloak-issuers).
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["serviceaccounts/token"]
+  verbs: ["create"]
 # Read CA bundles that RegistryAccess objects name in spec.tls.caBundleRef (kind ConfigMap).
 - apiGroups: [""]
   resources: ["configmaps"]
