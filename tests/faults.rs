@@ -273,7 +273,7 @@ async fn flaky_keycloak_still_refreshes_before_expiry(env: Arc<Env>) -> Result<(
     c.ready("flaky").await?;
     let mut tokens = std::collections::BTreeSet::new();
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60) {
+    while t.elapsed() < Duration::from_secs(40) {
         let data = c.token_secret("flaky-token").await?.ok_or("token Secret vanished")?;
         if Timestamp::now() >= ts(&data["expires_at"])? {
             return Err("the Secret held an expired token while Keycloak was flaky".into());
@@ -282,7 +282,7 @@ async fn flaky_keycloak_still_refreshes_before_expiry(env: Arc<Env>) -> Result<(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let sent = requests.load(Ordering::SeqCst);
-    assert!(tokens.len() >= 4, "only {} tokens in 60 s of 20 s tokens", tokens.len());
+    assert!(tokens.len() >= 3, "only {} tokens in 40 s of 20 s tokens", tokens.len());
     assert!(
         sent >= 2 * tokens.len() - 1,
         "the proxy saw {sent} requests for {} tokens: no failures were survived",
