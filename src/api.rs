@@ -230,8 +230,9 @@ pub struct ServiceAccountRef {
 
     /// Audience of the minted token. Default: the realm's issuer derived from server and realm,
     /// `{server}/realms/{realm}`, which is what Keycloak requires. Set it only where Keycloak's
-    /// public (frontend) URL differs from server. It must be covered by the ServiceAccount's
-    /// `registry-access.io/keycloak-issuers` annotation.
+    /// public (frontend) URL differs from server. The ServiceAccount's
+    /// `registry-access.io/keycloak-issuers` annotation must cover both this audience and the
+    /// issuer of server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
     pub audience: Option<String>,
@@ -245,8 +246,8 @@ pub struct PrivateKeyRef {
     #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
 
-    /// Key of the PEM private key (PKCS#8, or PKCS#1 for RSA, SEC1 for EC) in that Secret's data.
-    /// Default: `tls.key`.
+    /// Key of the PEM private key (PKCS#8; PKCS#1 also for RSA) in that Secret's data. Default:
+    /// `tls.key` (with cert-manager, set `privateKey.encoding: PKCS8` for EC keys).
     #[serde(default = "default_private_key_key")]
     #[schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))]
     pub key: String,

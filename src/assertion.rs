@@ -26,8 +26,9 @@ pub enum Credential {
     SecretJwt(SecretString),
     /// `private_key_jwt`: an assertion signed with the client's private key.
     PrivateKey(Arc<SigningKey>),
-    /// `service_account`: a ServiceAccount token, sent as the assertion without client_id.
-    ServiceAccountToken(SecretString),
+    /// `service_account`: a ServiceAccount token, sent as the assertion without client_id, and
+    /// when it was minted.
+    ServiceAccountToken(SecretString, std::time::Instant),
 }
 
 impl std::fmt::Debug for Credential {
@@ -37,7 +38,7 @@ impl std::fmt::Debug for Credential {
             Self::SecretBasic(_) => "SecretBasic",
             Self::SecretJwt(_) => "SecretJwt",
             Self::PrivateKey(_) => "PrivateKey",
-            Self::ServiceAccountToken(_) => "ServiceAccountToken",
+            Self::ServiceAccountToken(..) => "ServiceAccountToken",
         };
         write!(f, "Credential::{kind}(..)")
     }
@@ -183,6 +184,7 @@ mod tests {
         let token = assertion(&cred, "client", "https://kc.example.com/auth/realms/r", now).unwrap().unwrap();
         let header = jsonwebtoken::decode_header(token.expose_secret()).unwrap();
         assert_eq!((header.alg, header.kid.as_deref()), (Algorithm::ES256, Some("k1")));
-        assert!(assertion(&Credential::ServiceAccountToken(SecretString::from("t")), "c", "a", now).is_none());
+        let sa = Credential::ServiceAccountToken(SecretString::from("t"), std::time::Instant::now());
+        assert!(assertion(&sa, "c", "a", now).is_none());
     }
 }

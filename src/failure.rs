@@ -24,6 +24,7 @@ pub mod reason {
     pub const SERVICE_ACCOUNT_TOKEN_REFUSED: &str = "ServiceAccountTokenRefused";
     pub const REQUIRED_ROLES_MISSING: &str = "RequiredRolesMissing";
     pub const ROLES_NOT_IN_TOKEN: &str = "RolesNotInToken";
+    pub const QUEUED_TOO_LONG: &str = "QueuedTooLong";
     pub const RENEW_BEFORE_ADJUSTED: &str = "RenewBeforeAdjusted";
     pub const INVALID_CLIENT_CREDENTIALS: &str = "InvalidClientCredentials";
     pub const SERVICE_ACCOUNTS_DISABLED: &str = "ServiceAccountsDisabled";

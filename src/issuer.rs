@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::api::Guarded;
 use crate::assertion::Credential;
-use crate::failure::{Problem, reason_for};
+use crate::failure::{Problem, reason, reason_for};
 use crate::metrics::Metrics;
 use crate::queue::{Dispatch, Next, Queue, QueueConfig};
 use crate::state::{Completed, States};
@@ -25,6 +25,9 @@ use crate::token::{TokenClient, TokenError, TokenRequest};
 pub const LAG_WARNING: Duration = Duration::from_secs(10);
 /// At most one lag warning per server in this interval.
 const LAG_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// A minted ServiceAccount token (600 s) older than this is not sent: it could expire on the way
+/// or be past what Keycloak accepts.
+const SERVICE_ACCOUNT_TOKEN_MAX_AGE: Duration = Duration::from_secs(300);
 
 /// Everything one token request needs, owned so that it can wait in the queue.
 pub struct OwnedRequest {
@@ -147,6 +150,23 @@ impl Issuer {
         self.metrics.renewal_lag(lag);
         if lag >= LAG_WARNING {
             self.warn_lag(&server, lag);
+        }
+        // A ServiceAccount token that aged in the queue (a long pause) is not sent: Keycloak would
+        // refuse it as an invalid credential. The object mints a fresh one on its next try.
+        if let Credential::ServiceAccountToken(_, minted) = &job.request.credential
+            && minted.elapsed() >= SERVICE_ACCOUNT_TOKEN_MAX_AGE
+        {
+            self.queue().done(&server);
+            self.wake.notify_one();
+            let problem = Problem::transient(
+                reason::QUEUED_TOO_LONG,
+                "the ServiceAccount token minted for this request aged while the request waited for its turn; \
+                 a new one is minted for the next try",
+            );
+            if self.states.complete(&job.uid, Completed { inputs: job.inputs, result: Err(problem) }) {
+                let _ = self.done.send(job.object);
+            }
+            return;
         }
         let timer = self.metrics.token_request();
         // The expiry counts from when the request is sent.

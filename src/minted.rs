@@ -20,17 +20,17 @@ pub struct Minted {
 
 impl Minted {
     /// A token minted for `uid` and `audience` less than [`YOUNG`] ago.
-    pub fn young(&self, uid: &str, audience: &str) -> Option<SecretString> {
+    pub fn young(&self, uid: &str, audience: &str) -> Option<(SecretString, Instant)> {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let (token, at) = tokens.get(&(uid.to_owned(), audience.to_owned()))?;
-        (at.elapsed() < YOUNG).then(|| token.clone())
+        (at.elapsed() < YOUNG).then(|| (token.clone(), *at))
     }
 
-    /// Keeps a token just minted; forgets those no longer young.
-    pub fn keep(&self, uid: &str, audience: &str, token: SecretString) {
+    /// Keeps a token minted at `at`; forgets those no longer young.
+    pub fn keep(&self, uid: &str, audience: &str, token: SecretString, at: Instant) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens.retain(|_, (_, at)| at.elapsed() < YOUNG);
-        tokens.insert((uid.to_owned(), audience.to_owned()), (token, Instant::now()));
+        tokens.insert((uid.to_owned(), audience.to_owned()), (token, at));
     }
 }
 
@@ -42,8 +42,8 @@ mod tests {
     #[test]
     fn a_token_is_reused_only_for_its_service_account_and_audience() {
         let m = Minted::default();
-        m.keep("uid-1", "https://kc/realms/r", SecretString::from("t1"));
-        assert_eq!(m.young("uid-1", "https://kc/realms/r").unwrap().expose_secret(), "t1");
+        m.keep("uid-1", "https://kc/realms/r", SecretString::from("t1"), Instant::now());
+        assert_eq!(m.young("uid-1", "https://kc/realms/r").unwrap().0.expose_secret(), "t1");
         assert!(m.young("uid-2", "https://kc/realms/r").is_none(), "a recreated ServiceAccount has a new uid");
         assert!(m.young("uid-1", "https://other/realms/r").is_none());
     }

@@ -115,15 +115,19 @@ pub fn audience(ra: &RegistryAccess) -> Result<String, Problem> {
         .map_err(|message| Problem::fix(reason::INVALID_SPEC, message))
 }
 
-/// Whether the ServiceAccount opted in to have its tokens presented to `ra`'s Keycloak issuer.
+/// Whether the ServiceAccount opted in to have its tokens presented to `ra`'s Keycloak: both the
+/// audience and the issuer of the server the token is sent to must be among its annotation's
+/// issuers (an audience override cannot send a token for one Keycloak to another server).
 fn service_account_check(ra: &RegistryAccess, meta: &ServiceAccountMeta) -> Result<(), Problem> {
     let audience = audience(ra)?;
+    let destination = token::token_url(&ra.spec.server, &ra.spec.realm)
+        .map(|url| token::realm_issuer(&url))
+        .map_err(|message| Problem::fix(reason::INVALID_SPEC, message))?;
     let ns = ra.namespace().unwrap_or_default();
     let name = ra.spec.service_account_ref.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
     let allowed = meta.issuers.as_deref().unwrap_or_default();
-    if policy::server_allowed_nonempty(&audience, allowed) {
-        return Ok(());
-    }
+    let uncovered = [&audience, &destination].into_iter().find(|u| !policy::server_allowed_nonempty(u, allowed));
+    let Some(audience) = uncovered else { return Ok(()) };
     let what = match &meta.issuers {
         None => "has no annotation".to_owned(),
         Some(list) => format!("lists only {} in its annotation", list.join(", ")),
@@ -245,6 +249,9 @@ async fn credential(
     client: ClientSecret,
     namespace: &str,
 ) -> Result<Result<(Credential, String), Problem>, Error> {
+    if let ClientSecret::Missing = client {
+        return Ok(Err(client.problem(ra).unwrap_or_else(|| credentials::no_source(ra))));
+    }
     if let ClientSecret::ServiceAccount(meta) = &client {
         if let Err(problem) = service_account_check(ra, meta) {
             return Ok(Err(problem));
@@ -255,7 +262,7 @@ async fn credential(
             Err(problem) => return Ok(Err(problem)),
         };
         return Ok(match mint(ctx, namespace, name, &meta.uid, &audience).await {
-            Ok(token) => Ok((Credential::ServiceAccountToken(token), sa_inputs(ra, meta))),
+            Ok((token, at)) => Ok((Credential::ServiceAccountToken(token, at), sa_inputs(ra, meta))),
             Err(problem) => Err(problem),
         });
     }
@@ -297,9 +304,15 @@ async fn credential(
 /// A token of the ServiceAccount for `audience`, minted with the TokenRequest API for the
 /// shortest lifetime the API server allows, or one minted moments ago for the same
 /// ServiceAccount (same uid) and audience. Never written anywhere.
-async fn mint(ctx: &Context, namespace: &str, name: &str, uid: &str, audience: &str) -> Result<SecretString, Problem> {
-    if let Some(token) = ctx.minted.young(uid, audience) {
-        return Ok(token);
+async fn mint(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    audience: &str,
+) -> Result<(SecretString, std::time::Instant), Problem> {
+    if let Some(young) = ctx.minted.young(uid, audience) {
+        return Ok(young);
     }
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
     let request = TokenRequest {
@@ -320,8 +333,9 @@ async fn mint(ctx: &Context, namespace: &str, name: &str, uid: &str, audience: &
                     format!("the TokenRequest API answered without a token for ServiceAccount {namespace}/{name}"),
                 ));
             }
-            ctx.minted.keep(uid, audience, token.clone());
-            Ok(token)
+            let at = std::time::Instant::now();
+            ctx.minted.keep(uid, audience, token.clone(), at);
+            Ok((token, at))
         }
         Err(e) => {
             let (transient, hint) = match &e {
@@ -346,3 +360,42 @@ async fn mint(ctx: &Context, namespace: &str, name: &str, uid: &str, audience: &
 
 /// Lifetime asked for minted ServiceAccount tokens: the shortest the API server allows.
 const MINTED_LIFETIME_SECS: i64 = 600;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ServiceAccountRef;
+    use crate::secret::tests::ra;
+
+    fn federated(server: &str, audience: Option<&str>) -> RegistryAccess {
+        let mut ra = ra();
+        ra.spec.server = server.to_owned();
+        ra.spec.client_auth_method = ClientAuthMethod::ServiceAccount;
+        ra.spec.client_secret_ref = None;
+        ra.spec.service_account_ref =
+            Some(ServiceAccountRef { name: "builder".into(), audience: audience.map(str::to_owned) });
+        ra
+    }
+
+    #[test]
+    fn a_service_account_token_goes_only_where_its_annotation_allows() {
+        let opted_in =
+            ServiceAccountMeta { uid: "u".into(), issuers: Some(vec!["https://kc.example.com/auth/realms/r".into()]) };
+        assert!(service_account_check(&federated("https://kc.example.com/auth", None), &opted_in).is_ok());
+        // An audience override naming the allowed issuer cannot carry the token to another server.
+        let sneaky = federated("https://evil.example", Some("https://kc.example.com/auth/realms/r"));
+        let p = service_account_check(&sneaky, &opted_in).unwrap_err();
+        assert_eq!(p.reason, reason::SERVICE_ACCOUNT_NOT_OPTED_IN);
+        assert!(p.message.contains("https://evil.example/realms/r"), "{}", p.message);
+        let silent = ServiceAccountMeta { uid: "u".into(), issuers: None };
+        let p = service_account_check(&federated("https://kc.example.com/auth", None), &silent).unwrap_err();
+        assert!(p.message.contains("has no annotation") && p.message.contains("kubectl annotate"), "{}", p.message);
+    }
+
+    #[test]
+    fn a_missing_service_account_is_named_as_such() {
+        let p = ClientSecret::Missing.problem(&federated("https://kc.example.com/auth", None)).unwrap();
+        assert_eq!(p.reason, reason::SERVICE_ACCOUNT_NOT_FOUND);
+        assert!(p.message.contains("billing/builder"), "{}", p.message);
+    }
+}

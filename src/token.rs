@@ -237,7 +237,7 @@ impl TokenClient {
             (Credential::SecretBasic(secret), _) => {
                 builder = builder.header(AUTHORIZATION, basic_auth(req.client_id, secret)?);
             }
-            (Credential::ServiceAccountToken(token), _) => {
+            (Credential::ServiceAccountToken(token, _), _) => {
                 // Keycloak finds the client from the token's issuer and subject: no client_id.
                 form.push(("client_assertion_type", JWT_BEARER));
                 form.push(("client_assertion", token.expose_secret()));

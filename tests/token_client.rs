@@ -100,7 +100,9 @@ async fn request(
     let credential = match method {
         ClientAuthMethod::ClientSecretBasic => Credential::SecretBasic(secret),
         ClientAuthMethod::ClientSecretJwt => Credential::SecretJwt(secret),
-        ClientAuthMethod::ServiceAccount => Credential::ServiceAccountToken(SecretString::from("sa.token.value")),
+        ClientAuthMethod::ServiceAccount => {
+            Credential::ServiceAccountToken(SecretString::from("sa.token.value"), std::time::Instant::now())
+        }
         _ => Credential::SecretPost(secret),
     };
     let req = TokenRequest { token_url: url, client_id: "test-ext", credential: &credential, scopes, ca_bundle: None };
