@@ -8,7 +8,7 @@ bin=$(bash hack/provision.sh hadolint | sed -n 's/^bin=//p')
 "$bin/hadolint" Dockerfile
 echo "hadolint: Dockerfile ok"
 
-binary=target/release/registry-access-operator
+binary=${CHECK_BINARY:-target/release/registry-access-operator}
 [[ -x $binary ]] || { echo "build $binary first (cargo build --release --locked --bin registry-access-operator)"; exit 1; }
 # The shared libraries distroless/cc-debian12 ships.
 allowed='^(linux-vdso\.so\.1|libc\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libdl\.so\.2|libpthread\.so\.0|librt\.so\.1|/lib64/ld-linux-x86-64\.so\.2)$'
