@@ -152,26 +152,12 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
     // Secrets: metadata only, one watch per scope; an event reaches the objects that name the
     // Secret through the index, unless it is the operator's own write.
     let secret_ctx = ctx.clone();
-    let secret_events = stream::select_all(scopes.iter().map(|scope| {
-        let api: Api<PartialObjectMeta<Secret>> = match scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let scope = scope.clone();
-        watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
-    }))
-    .flat_map(move |(scope, event)| stream::iter(secret_triggers(&secret_ctx, &scope, event)));
+    let secret_events = metadata_watches::<Secret>(&client, &scopes)
+        .flat_map(move |(scope, event)| stream::iter(secret_triggers(&secret_ctx, &scope, event)));
     // ServiceAccounts: metadata only, for the objects that authenticate with one.
     let sa_ctx = ctx.clone();
-    let service_account_events = stream::select_all(scopes.iter().map(|scope| {
-        let api: Api<PartialObjectMeta<ServiceAccount>> = match scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let scope = scope.clone();
-        watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
-    }))
-    .flat_map(move |(scope, event)| stream::iter(service_account_triggers(&sa_ctx, &scope, event)));
+    let service_account_events = metadata_watches::<ServiceAccount>(&client, &scopes)
+        .flat_map(move |(scope, event)| stream::iter(service_account_triggers(&sa_ctx, &scope, event)));
     let finished = stream::unfold(finished, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     let readiness = config.readiness.clone();
@@ -206,6 +192,31 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         .await;
     dispatcher.abort();
     info!("controller stopped");
+}
+
+/// Metadata-only watches of `K`, one per scope, merged; each event tagged with its scope (a
+/// re-list prunes only what its own scope no longer has).
+fn metadata_watches<K>(
+    client: &Client,
+    scopes: &[Scope],
+) -> impl futures::Stream<Item = (Scope, Result<Event<PartialObjectMeta<K>>, watcher::Error>)> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K: serde::de::DeserializeOwned,
+{
+    stream::select_all(scopes.iter().map(|scope| {
+        let api: Api<PartialObjectMeta<K>> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let scope = scope.clone();
+        watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
+    }))
 }
 
 /// The watch of one scope's RegistryAccess objects.
