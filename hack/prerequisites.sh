@@ -33,6 +33,17 @@ have unzip || missing_apt+=(unzip)
 have python3 || missing_apt+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || missing_apt+=(python3-venv)
 have make || missing_apt+=(make)
+# The node suite (tests/node.rs): a container runtime, the images' builder, the sandbox's tools,
+# and a C compiler with glibc's static libraries (the pause program, the static release binary).
+have containerd || missing_apt+=(containerd)
+have runc || missing_apt+=(runc)
+have buildah || missing_apt+=(buildah)
+[[ -x /usr/lib/cni/loopback ]] || missing_apt+=(containernetworking-plugins)
+have ip || missing_apt+=(iproute2)
+have unshare || missing_apt+=(util-linux)
+have gcc || missing_apt+=(gcc)
+[[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] || missing_apt+=(libc6-dev)
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing_apt+=(ca-certificates)
 
 if ((${#missing_apt[@]})); then
   if [[ $(id -u) == 0 ]] && have apt-get; then

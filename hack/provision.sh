@@ -29,16 +29,26 @@ timed() {
 fresh() { [[ -f "$cache/$1.version" && "$(cat "$cache/$1.version")" == "$2" ]]; }
 stamp() { echo "$2" >"$cache/$1.version"; }
 
+# The release build's version stamping (without it the binaries report v0.0.0-master).
+kubernetes_ldflags() {
+  local minor pkg ld="-s -w"
+  minor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION")
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$ld"
+}
+
 build_kubernetes() {
   fresh kubernetes "$KUBERNETES_VERSION" && [[ -x "$bin/kube-apiserver" ]] && return 0
   need go "the Go toolchain builds Kubernetes"
   log "building Kubernetes $KUBERNETES_VERSION (first build takes a while)"
   local dir="$cache/build/kubernetes-$KUBERNETES_VERSION"
   mkdir -p "$dir"
-  local info mod minor
+  local info mod
   info=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION")
   mod=$(sed -n 's/.*"GoMod": "\(.*\)".*/\1/p' <<<"$info")
-  minor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION")
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and maps them to ./staging with
   # replace directives that a dependent module does not inherit: map each to its published v0.Y.Z.
   {
@@ -53,12 +63,8 @@ build_kubernetes() {
     grep -E '^\s+k8s\.io/[a-z0-9-]+ v0\.0\.0$' "$mod" | awk -v v="v0.${KUBERNETES_VERSION#v1.}" '{print "\t" $1 " => " $1 " " v}'
     echo ")"
   } >"$dir/go.mod"
-  local ld="-s -w"
-  local pkg
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
+  local ld
+  ld=$(kubernetes_ldflags)
   (
     cd "$dir"
     go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" \
@@ -68,6 +74,23 @@ build_kubernetes() {
       k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
   )
   stamp kubernetes "$KUBERNETES_VERSION"
+}
+
+# The kubelet and kube-scheduler of the node suite (tests/node.rs): same module, same stamping,
+# their own stamp so that adding them does not rebuild the control plane.
+build_kubelet() {
+  fresh kubelet "$KUBERNETES_VERSION" && [[ -x "$bin/kubelet" && -x "$bin/kube-scheduler" ]] && return 0
+  build_kubernetes
+  need go "the Go toolchain builds the kubelet"
+  log "building the kubelet and kube-scheduler $KUBERNETES_VERSION"
+  local dir="$cache/build/kubernetes-$KUBERNETES_VERSION"
+  (
+    cd "$dir"
+    go get "k8s.io/kubernetes/cmd/kubelet@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kube-scheduler@$KUBERNETES_VERSION"
+    CGO_ENABLED=0 go build -trimpath -ldflags "$(kubernetes_ldflags)" -o "$bin/" k8s.io/kubernetes/cmd/kubelet \
+      k8s.io/kubernetes/cmd/kube-scheduler
+  )
+  stamp kubelet "$KUBERNETES_VERSION"
 }
 
 build_etcd() {
@@ -144,12 +167,14 @@ case "$what" in
   all)
     timed "etcd" build_etcd
     timed "kubernetes" build_kubernetes
+    timed "kubelet" build_kubelet
     timed "helm" build_helm
     timed "keycloak" fetch_keycloak
     timed "hadolint" install_hadolint
     ;;
   hadolint) timed "hadolint" install_hadolint ;;
   kubernetes) timed "kubernetes" build_kubernetes ;;
+  kubelet) timed "kubelet" build_kubelet ;;
   etcd) timed "etcd" build_etcd ;;
   helm) timed "helm" build_helm ;;
   keycloak) timed "keycloak" fetch_keycloak ;;

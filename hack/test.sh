@@ -34,7 +34,24 @@ if [[ ${RAO_RELEASE_BUILD:-0} == 1 ]]; then
   phase "cargo build --release (as the Dockerfile does)" cargo build --release --locked --bin registry-access-operator
   phase "container image checks" bash hack/check-image.sh
 fi
-phase "cargo test (unit, CRD drift, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" cargo test --all-targets --locked
+phase "cargo test --no-run (build every test target)" cargo test --all-targets --locked --no-run
+# The node suite (real kubelets, about five minutes, mostly waiting for the kubelet) has its own
+# environment: it runs alongside the other suites, its output shown when it ends.
+node_log=$(mktemp)
+trap 'rm -f "$log" "$node_log"' EXIT
+( log=/dev/null; phase "node suite (kubelets, containerd, the chart's pods, workload pods)" cargo test --locked --test node ) >"$node_log" 2>&1 &
+node_pid=$!
+others=()
+for f in tests/*.rs; do
+  t=$(basename "$f" .rs)
+  [[ $t == node ]] || others+=(--test "$t")
+done
+phase "cargo test (unit, CRD drift, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" \
+  cargo test --locked --lib --bins --examples "${others[@]}"
+wait "$node_pid" || true
+cat "$node_log"
+cat "$node_log" >>"$log"
+grep -q '^<== node suite.*: ok' "$node_log" || status=1
 if [[ ${RAO_RELEASE_BUILD:-0} != 1 ]]; then
   phase "container image checks (debug binary)" env CHECK_BINARY=target/debug/registry-access-operator bash hack/check-image.sh
 fi

@@ -93,7 +93,7 @@ pub fn reason_for(e: &TokenError) -> &'static str {
         TokenError::NotFound { .. } => reason::REALM_NOT_FOUND,
         TokenError::Rejected { .. } => reason::TOKEN_REQUEST_REJECTED,
         TokenError::ResponseTooLarge | TokenError::InvalidResponse(_) => reason::INVALID_TOKEN_RESPONSE,
-        TokenError::InvalidCaBundle(_) => reason::INVALID_CA_BUNDLE,
+        TokenError::InvalidCaBundle(_) | TokenError::NoTrustStore(_) => reason::INVALID_CA_BUNDLE,
         TokenError::Assertion(_) => reason::PRIVATE_KEY_INVALID,
     }
 }

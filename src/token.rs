@@ -120,6 +120,12 @@ pub enum TokenError {
     InvalidResponse(String),
     #[error("the CA bundle is unusable: {0}")]
     InvalidCaBundle(String),
+    /// No extra bundle was given and the system's trust store could not be used: an image
+    /// without root certificates.
+    #[error(
+        "cannot build the HTTPS client: {0}; the operator trusts the system's root certificates (in a container image, /etc/ssl/certs) plus --ca-bundle-file, so the image needs them"
+    )]
+    NoTrustStore(String),
     #[error("{0}")]
     Assertion(String),
 }
@@ -309,7 +315,15 @@ fn build_client(config: &ClientConfig, extra: Option<&str>) -> Result<reqwest::C
     for pem in config.ca_bundle.iter().map(String::as_str).chain(extra) {
         builder = builder.tls_certs_merge(parse_ca_bundle(pem)?);
     }
-    builder.build().map_err(|e| TokenError::InvalidCaBundle(format!("cannot build a TLS client with it: {e}")))
+    let bundles = config.ca_bundle.is_some() || extra.is_some();
+    builder.build().map_err(|e| {
+        let cause = error_chain(&e);
+        if bundles {
+            TokenError::InvalidCaBundle(format!("cannot build a TLS client with it: {cause}"))
+        } else {
+            TokenError::NoTrustStore(cause)
+        }
+    })
 }
 
 /// The `Authorization: Basic` value of RFC 6749 section 2.3.1: id and secret form-urlencoded first.

@@ -22,6 +22,11 @@ use super::process::{Proc, free_port, wait_for};
 /// a real cluster.
 const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,\
      clusterrole-aggregation-controller";
+/// What pods on a node need as well (the node suite): Deployments and their ReplicaSets, and the
+/// `kube-root-ca.crt` ConfigMap that ServiceAccount token volumes mount, and the node lifecycle
+/// controller, which lifts the not-ready taint a kubelet registers its node with.
+pub const NODE_CONTROLLERS: &str =
+    "deployment-controller,replicaset-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller";
 /// Time allowed for each component to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// The ClusterRoleBinding that lets anyone read the service account issuer's discovery document
@@ -58,6 +63,13 @@ pub struct Cluster {
     pub ca_pem: String,
     /// The CA certificate file (PEM), also Keycloak's trust store.
     pub ca_file: PathBuf,
+    /// The cluster's CA, to issue further certificates (the node suite's kubelets).
+    pub ca: Ca,
+    /// The API server's port on 127.0.0.1.
+    pub api_port: u16,
+    /// Controllers started besides [`CONTROLLERS`] (comma-separated), set before
+    /// [`Cluster::start_controller_manager`].
+    pub extra_controllers: String,
     etcd_port: u16,
     // Behind locks so that a test holding the shared environment can restart them.
     etcd: std::sync::Mutex<Proc>,
@@ -83,6 +95,10 @@ impl Cluster {
         let (sa_private, sa_public) = pki::signing_key()?;
         let sa_key = write("sa.key", &sa_private)?;
         let sa_pub = write("sa.pub", &sa_public)?;
+        // The API server's identity towards kubelets (logs, exec).
+        let kubelet_client = ca.client("kube-apiserver-kubelet-client", &["system:masters"])?;
+        let kubelet_client_cert = write("apiserver-kubelet-client.crt", &kubelet_client.cert)?;
+        let kubelet_client_key = write("apiserver-kubelet-client.key", &kubelet_client.key)?;
 
         let etcd_port = free_port()?;
         let etcd_peer = free_port()?;
@@ -119,7 +135,13 @@ impl Cluster {
             .arg(format!("--client-ca-file={}", ca_file.display()))
             .arg(format!("--cert-dir={}", dir.join("apiserver-certs").display()))
             .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--authorization-mode=RBAC")
+            // Node authorization and NodeRestriction, as a cluster with kubelets has them.
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--enable-admission-plugins=NodeRestriction")
+            .arg(format!("--kubelet-client-certificate={}", kubelet_client_cert.display()))
+            .arg(format!("--kubelet-client-key={}", kubelet_client_key.display()))
+            // Kubelets are reached at their node's address, never by resolving the node's name.
+            .arg("--kubelet-preferred-address-types=InternalIP")
             .arg("--allow-privileged=true")
             .arg(format!("--service-account-issuer={server}"))
             // Without it the discovery document names the advertise address, not the loopback URL.
@@ -142,6 +164,9 @@ impl Cluster {
             kubeconfig,
             ca_pem: ca.cert.clone(),
             ca_file,
+            ca,
+            api_port,
+            extra_controllers: String::new(),
             etcd_port,
             etcd: std::sync::Mutex::new(etcd),
             apiserver: std::sync::Mutex::new(apiserver),
@@ -182,7 +207,11 @@ impl Cluster {
         cmd.arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))
             .arg(format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()))
             .arg(format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()))
-            .arg(format!("--controllers={CONTROLLERS}"))
+            .arg(format!(
+                "--controllers={CONTROLLERS}{}{}",
+                if self.extra_controllers.is_empty() { "" } else { "," },
+                self.extra_controllers
+            ))
             .arg(format!("--service-account-private-key-file={}", sa_key.display()))
             .arg(format!("--root-ca-file={}", ca_file.display()))
             .arg("--leader-elect=false")
@@ -322,7 +351,8 @@ pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-fn kubeconfig_with_cert(server: &str, ca: &str, user: &str, pair: &Pair) -> String {
+/// A kubeconfig that authenticates with a client certificate.
+pub fn kubeconfig_with_cert(server: &str, ca: &str, user: &str, pair: &Pair) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\n\
          users:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n\

@@ -11,20 +11,32 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 use super::{Env, Result, phase};
 
-/// A test of a shared environment.
-pub type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+/// A test of a shared environment of type `E`.
+pub type TestFnOf<E> = fn(Arc<E>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+/// A test of the shared end-to-end environment.
+pub type TestFn = TestFnOf<Env>;
 
 /// Names and functions of tests, for [`run`].
 #[macro_export]
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
-        vec![$((stringify!($name), (|env| Box::pin($name(env))) as $crate::support::harness::TestFn)),*]
+        vec![$((stringify!($name), (|env| Box::pin($name(env))) as $crate::support::harness::TestFnOf<_>)),*]
     };
 }
 
 /// Runs `cases` against one environment, `threads` at a time unless `--test-threads` says
 /// otherwise. Exits the process with the result.
 pub fn run(suite: &str, cases: Vec<(&'static str, TestFn)>, threads: usize) -> ! {
+    run_in(suite, cases, threads, || Box::pin(Env::start()))
+}
+
+/// [`run`] with an environment of any type, started by `start`.
+pub fn run_in<E: Send + Sync + 'static>(
+    suite: &str,
+    cases: Vec<(&'static str, TestFnOf<E>)>,
+    threads: usize,
+    start: impl FnOnce() -> Pin<Box<dyn Future<Output = Result<E>> + Send>>,
+) -> ! {
     let mut args = Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(threads);
@@ -40,7 +52,7 @@ pub fn run(suite: &str, cases: Vec<(&'static str, TestFn)>, threads: usize) -> !
     registry_access_operator::token::install_crypto_provider();
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime"));
     let t = Instant::now();
-    let env = match rt.block_on(Env::start()) {
+    let env = match rt.block_on(start()) {
         Ok(env) => Arc::new(env),
         Err(e) => {
             // Fail loudly: a missing tool is a failure, never a skip.

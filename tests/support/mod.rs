@@ -8,6 +8,7 @@ pub mod harness;
 pub mod http;
 pub mod k8s;
 pub mod keycloak;
+pub mod node;
 pub mod operator;
 pub mod pki;
 pub mod process;
@@ -72,6 +73,11 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Result<Self> {
+        Self::start_with_controllers("").await
+    }
+
+    /// [`Env::start`] with more kube-controller-manager controllers (comma-separated).
+    pub async fn start_with_controllers(extra_controllers: &str) -> Result<Self> {
         let t = Instant::now();
         let tools = Tools::provision()?;
         phase("provision", t);
@@ -106,6 +112,7 @@ impl Env {
         ])?;
         phase("CRD installed with kubectl apply -f crds/", t);
         let t = Instant::now();
+        cluster.extra_controllers = extra_controllers.to_owned();
         cluster.start_controller_manager().await?;
         phase("kube-controller-manager up", t);
         Ok(Self { keycloak, cluster, tools, dir })
