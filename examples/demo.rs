@@ -1,6 +1,11 @@
 //! The local demo: a real control plane and Keycloak, the CRD, the operator, and the examples/
 //! objects, with the token Secret and the RegistryAccess status shown as they are refreshed.
 //!
+//! Where a node can run (root, containerd, runc, buildah: see tests/support/node.rs), the demo runs
+//! in the node suite's sandbox with a real kubelet, and a workload pod that mounts the documented
+//! token Secret shows, every line, how long the token it reads has left. `RAO_DEMO_NODE=0` runs
+//! without a node.
+//!
 //! Run with `make demo` (or `cargo run --example demo`); stop with Ctrl-C. `DEMO_SECONDS=N` stops
 //! it after N seconds.
 
@@ -10,18 +15,34 @@ mod support;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ListParams, LogParams, PostParams};
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::secret::token_digest;
+use support::cluster::NODE_CONTROLLERS;
+use support::node::{self, Images, Node};
 use support::{Env, Result, k8s, operator::Operator, repo};
 
 /// The Keycloak URL the example files name, replaced by the local one when applied.
 const EXAMPLE_SERVER: &str = "https://platform-keycloak.apps.example.com/auth";
 const NAMESPACE: &str = "default";
 
-#[tokio::main]
-async fn main() {
+/// The token Secret of examples/registryaccess.yaml, which the workload pod mounts.
+const WORKLOAD_SECRET: &str = "consent-02-token";
+
+fn main() {
+    let with_node = std::env::var("RAO_DEMO_NODE").map_or(true, |v| v != "0");
+    if with_node && !node::inside() {
+        match node::unavailable() {
+            None => std::process::exit(node::run_sandboxed()),
+            Some(why) => eprintln!("No workload pod in this demo ({why}); RAO_DEMO_NODE=0 skips this check."),
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime").block_on(run());
+}
+
+async fn run() {
     registry_access_operator::token::install_crypto_provider();
     if let Err(e) = demo().await {
         eprintln!("demo failed: {e}");
@@ -33,8 +54,20 @@ async fn demo() -> Result<()> {
     eprintln!(
         "Starting etcd, kube-apiserver, kube-controller-manager and Keycloak (first run builds them; later runs take seconds)..."
     );
-    let env = Env::start().await?;
+    let inside = node::inside();
+    let images = if inside {
+        node::prepare_sandbox()?;
+        eprintln!("Building the workload's image (first run: a few minutes)...");
+        Some(tokio::task::spawn_blocking(Images::build).await??)
+    } else {
+        None
+    };
+    let env = Env::start_with_controllers(if inside { NODE_CONTROLLERS } else { "" }).await?;
     let client = env.cluster.client().await?;
+    let node = match &images {
+        Some(images) => Some(Node::start(&env.cluster, images, &env.path().join("node-0"), 0, "1m").await?),
+        None => None,
+    };
 
     // The Keycloak client of examples/secretless.yaml: authenticated by the ServiceAccount
     // `registry-client` of the demo namespace (the realm's Kubernetes identity provider points at
@@ -55,13 +88,25 @@ async fn demo() -> Result<()> {
     }
     let log = env.path().join("operator.log");
     let mut operator = Operator::start(&env.cluster.kubeconfig, &log, &[])?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    if let Some(images) = &images {
+        pods.create(&PostParams::default(), &workload_pod(&images.workload)?).await?;
+    }
 
     println!();
     println!("Environment is up. In another shell:");
     println!("  export KUBECONFIG={}", env.cluster.kubeconfig.display());
     println!("  export PATH={}:$PATH", env.tools.bin.display());
-    println!("  kubectl get registryaccesses -o wide      # or: kubectl get ra");
-    println!("  kubectl get secret consent-02-token -o yaml");
+    // In the sandbox the API server listens on the sandbox's loopback: enter its network first.
+    let k = match std::env::var(node::OUTER_PID) {
+        Ok(outer) if inside => format!("nsenter --net=/proc/$(pgrep -P {outer})/ns/net kubectl"),
+        _ => "kubectl".to_owned(),
+    };
+    println!("  {k} get registryaccesses -o wide      # or: {k} get ra");
+    println!("  {k} get secret consent-02-token -o yaml");
+    if node.is_some() {
+        println!("  {k} logs -f registry-client-demo      # the workload pod's view of the token");
+    }
     println!("  tail -f {}", log.display());
     println!("Keycloak: {} (realm consent-01-external-system)", env.keycloak.base_url);
     println!("Applied examples/: {} (server replaced by the local Keycloak)", applied.join(", "));
@@ -106,9 +151,53 @@ async fn demo() -> Result<()> {
                 if changed { "   <- refreshed" } else { "" }
             );
         }
+        if node.is_some() {
+            println!("{}", workload_view(&pods, now).await);
+        }
     }
     println!("Stopping the operator, Keycloak, kube-controller-manager, kube-apiserver and etcd...");
     operator.stop();
+    drop(node);
     drop(env);
     Ok(())
+}
+
+/// A pod that mounts the documented token Secret as a volume and logs, every second, the times
+/// of the token it reads (examples/workload).
+fn workload_pod(image: &str) -> Result<Pod> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "registry-client-demo"},
+        "spec": {
+            "nodeName": "node-0",
+            "hostNetwork": true,
+            "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": true},
+            "containers": [{
+                "name": "workload",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false},
+                "volumeMounts": [{"name": "token", "mountPath": "/var/run/registry-access", "readOnly": true}],
+            }],
+            "volumes": [{"name": "token", "secret": {"secretName": WORKLOAD_SECRET}}],
+        },
+    }))?)
+}
+
+/// The workload pod's last log line, as a line of the demo's output.
+async fn workload_view(pods: &Api<Pod>, now: Timestamp) -> String {
+    let params = LogParams { tail_lines: Some(1), ..LogParams::default() };
+    let line = match pods.logs("registry-client-demo", &params).await {
+        Ok(l) => l,
+        Err(_) => return format!("{} pod registry-client-demo: starting", now.strftime("%H:%M:%S")),
+    };
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
+    match (v["remaining_s"].as_i64(), v["iat"].as_i64()) {
+        (Some(left), Some(iat)) => format!(
+            "{} pod registry-client-demo reads {WORKLOAD_SECRET} from its volume: token issued at {}, {left:>4}s left{}",
+            now.strftime("%H:%M:%S"),
+            Timestamp::from_second(iat).map(|t| t.strftime("%H:%M:%S").to_string()).unwrap_or_default(),
+            if v["changed"].as_bool() == Some(true) { "   <- the kubelet delivered a new token" } else { "" }
+        ),
+        _ => format!("{} pod registry-client-demo: {}", now.strftime("%H:%M:%S"), line.trim()),
+    }
 }

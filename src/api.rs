@@ -138,11 +138,12 @@ pub struct RegistryAccessSpec {
     pub registry_url: Option<String>,
 
     /// How long before the token's expiry a new token is requested, as a duration such as `100s`
-    /// or `2m`. Default: one third of the token's lifetime (100s for Keycloak's default 300s),
-    /// which leaves the kubelet time to deliver the new token to mounted volumes (keep it at
-    /// least 90s for pods that mount the Secret). A token is renewed no sooner than a quarter
-    /// of its lifetime (at least 5s) after it was issued: a longer value is reduced to that, and
-    /// Degraded says so (RenewBeforeAdjusted); one under the kubelet's sync period is reported
+    /// or `2m`. Default: enough for a pod that mounts the Secret to keep a minute of validity
+    /// when the kubelet delivers the new token as late as it can (90s) after one failed token
+    /// request: 167s for Keycloak's default 300s tokens, and never less than a third of the
+    /// lifetime. A token is renewed no sooner than a quarter of its lifetime (at least 5s) after
+    /// it was issued: a longer value is reduced to that, and Degraded says so
+    /// (RenewBeforeAdjusted); one under the kubelet's worst-case delivery delay (90s) is reported
     /// as RenewBeforeTooShort.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION_PATTERN))]

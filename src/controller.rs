@@ -109,6 +109,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         policy: config.policy.clone(),
         digest_key,
         mount_delay: config.mount_delay,
+        failed_attempt: config.token_client.request_timeout + crate::schedule::INITIAL_BACKOFF,
         instance: config.instance.clone(),
     };
     let ctx = Arc::new(Context::new(client.clone(), config.metrics.clone(), states, issuer.clone(), settings));

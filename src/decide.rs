@@ -2,12 +2,10 @@
 //! request's outcome (the failure to record, when to look again), as functions of what was read
 //! and the clock.
 
-use std::time::Duration;
-
 use jiff::{SignedDuration, Timestamp};
 
 use crate::failure::Problem;
-use crate::schedule::{self, RenewPlan};
+use crate::schedule::{self, RenewBefore, RenewPlan};
 use crate::secret::Observed;
 use crate::token::TokenFacts;
 
@@ -70,7 +68,7 @@ pub struct Inputs<'a> {
     pub observed: &'a Observed,
     /// Digest of the current request inputs; `None` when the client secret cannot be read.
     pub inputs: Option<&'a str>,
-    pub renew_before: Option<Duration>,
+    pub renew_before: RenewBefore,
     pub failure: Option<&'a Failure>,
     /// Seed of the renewal jitter (the object's uid), stable across restarts.
     pub jitter_seed: &'a str,
@@ -78,13 +76,13 @@ pub struct Inputs<'a> {
 
 /// The renewal plan of a token; the jitter comes from `jitter_seed` and the expiry, so the same
 /// token always gets the same plan (a restart plans the same time).
-pub fn plan_for(token: &TokenFacts, renew_before: Option<Duration>, jitter_seed: &str) -> RenewPlan {
+pub fn plan_for(token: &TokenFacts, renew_before: RenewBefore, jitter_seed: &str) -> RenewPlan {
     let jitter = schedule::jitter_from(&format!("{jitter_seed}/{}", token.expires_at));
     schedule::plan_renewal(token.issued_at, token.expires_at, renew_before, jitter)
 }
 
 /// The renewal plan for the token an object holds.
-fn renewal(observed: &Observed, renew_before: Option<Duration>, jitter_seed: &str) -> Option<RenewPlan> {
+fn renewal(observed: &Observed, renew_before: RenewBefore, jitter_seed: &str) -> Option<RenewPlan> {
     let Observed::Held(held) = observed else { return None };
     Some(plan_for(&held.token, renew_before, jitter_seed))
 }
@@ -198,6 +196,7 @@ mod tests {
     use crate::failure::reason;
     use crate::secret::HeldToken;
     use crate::secret::tests::facts as token;
+    use std::time::Duration;
 
     const T0: i64 = 1_700_000_000;
 
@@ -210,7 +209,14 @@ mod tests {
     }
 
     fn decide_at(now: i64, observed: &Observed, inputs: Option<&str>, failure: Option<&Failure>) -> Decision {
-        decide(Inputs { now: at(now), observed, inputs, renew_before: None, failure, jitter_seed: "uid" })
+        decide(Inputs {
+            now: at(now),
+            observed,
+            inputs,
+            renew_before: RenewBefore::default(),
+            failure,
+            jitter_seed: "uid",
+        })
     }
 
     fn failure(at_s: i64, retry: i64, inputs: Option<&str>) -> Failure {
@@ -297,13 +303,13 @@ mod tests {
             now: at(0),
             observed: &Observed::Missing,
             inputs: Some("in"),
-            renew_before: None,
+            renew_before: RenewBefore::default(),
             failure: Some(&f),
             jitter_seed: "uid",
         };
         let a = after_attempt(&i, Ok(&t), 0.5);
         assert_eq!(a.failure, None);
-        assert_eq!(a.next, plan_for(&t, None, "uid").renew_at);
+        assert_eq!(a.next, plan_for(&t, RenewBefore::default(), "uid").renew_at);
         // The plan right after the request is the one read back from the Secret later: no second
         // status write for a moved renewAt.
         let Decision::Wait { until } = decide_at(1, &held(0, 300, "in"), Some("in"), None) else { panic!() };
@@ -320,7 +326,7 @@ mod tests {
             now: at(290),
             observed: &obs,
             inputs: Some("in"),
-            renew_before: None,
+            renew_before: RenewBefore::default(),
             failure: Some(&f),
             jitter_seed: "uid",
         };
@@ -339,7 +345,7 @@ mod tests {
             now: at(0),
             observed: &Observed::Missing,
             inputs: Some("in"),
-            renew_before: None,
+            renew_before: RenewBefore::default(),
             failure: None,
             jitter_seed: "uid",
         };
@@ -350,12 +356,12 @@ mod tests {
     #[test]
     fn lag_counts_from_the_renewal_or_retry_time() {
         let obs = held(0, 300, "in");
-        let plan = plan_for(&token(T0, T0 + 300), None, "uid");
+        let plan = plan_for(&token(T0, T0 + 300), RenewBefore::default(), "uid");
         let i = Inputs {
             now: at(250),
             observed: &obs,
             inputs: Some("in"),
-            renew_before: None,
+            renew_before: RenewBefore::default(),
             failure: None,
             jitter_seed: "uid",
         };
@@ -367,7 +373,7 @@ mod tests {
             now: at(5),
             observed: &Observed::Missing,
             inputs: Some("in"),
-            renew_before: None,
+            renew_before: RenewBefore::default(),
             failure: None,
             jitter_seed: "uid",
         };
@@ -381,7 +387,7 @@ mod tests {
             now: at(10),
             observed: &obs,
             inputs: Some("in"),
-            renew_before: Some(Duration::from_secs(600)),
+            renew_before: RenewBefore::requested(Some(Duration::from_secs(600))),
             failure: None,
             jitter_seed: "uid",
         });

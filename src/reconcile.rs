@@ -53,6 +53,8 @@ pub struct Context {
     /// The longest a pod's mounted Secret lags an update (the kubelet's sync): a token renewed
     /// with less validity left than this may expire in a pod before the pod sees its successor.
     pub mount_delay: Duration,
+    /// How long one failed token request and its retry delay take (for the default renewBefore).
+    pub failed_attempt: Duration,
     /// ServiceAccount tokens minted moments ago.
     pub minted: Minted,
     undecodable: Mutex<HashSet<Key>>,
@@ -64,6 +66,8 @@ pub struct Settings {
     pub policy: Policy,
     pub digest_key: DigestKey,
     pub mount_delay: Duration,
+    /// The token request timeout plus the first retry delay.
+    pub failed_attempt: Duration,
     /// This operator instance's name in Events; the operator's name when `None`.
     pub instance: Option<String>,
 }
@@ -87,6 +91,7 @@ impl Context {
             policy: settings.policy,
             digest_key: settings.digest_key,
             mount_delay: settings.mount_delay,
+            failed_attempt: settings.failed_attempt,
             minted: Minted::default(),
             undecodable: Mutex::new(HashSet::new()),
         }
@@ -162,7 +167,11 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     // 2. Decide.
     let now = Timestamp::now();
     let failure = ctx.states.failure(&uid);
-    let renew_before = ra.spec.renew_before.filter(|d| !d.is_negative()).map(Duration::from);
+    let renew_before = schedule::RenewBefore {
+        requested: ra.spec.renew_before.filter(|d| !d.is_negative()).map(Duration::from),
+        mount_delay: ctx.mount_delay,
+        failed_attempt: ctx.failed_attempt,
+    };
     let decision_inputs = Inputs {
         now,
         observed: &token.observed,
@@ -239,7 +248,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     let conflict = matches!(step, Step::Conflict);
     let upcoming = read::spec_problem(ra, &ctx.policy).or(client_problem);
     let plan = held.as_ref().map(|t| decide::plan_for(t, renew_before, &uid));
-    let timing = plan.as_ref().and_then(|p| schedule::timing_warning(p, renew_before, ctx.mount_delay));
+    let timing = plan.as_ref().and_then(|p| schedule::timing_warning(p, renew_before.requested, ctx.mount_delay));
     let status = status::build(&StatusInputs {
         now,
         generation: ra.metadata.generation,

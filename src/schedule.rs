@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-/// Share of the lifetime renewed ahead by default: a Secret mounted as a volume reaches the pod
-/// within the kubelet's sync period (60-90 s), so a 300 s token needs ~100 s of slack.
+/// Share of the lifetime renewed ahead by default, at least (see [`RenewBefore`]).
 pub const DEFAULT_RENEW_FRACTION: f64 = 1.0 / 3.0;
+/// Validity a pod mounting the Secret should still have when it sees the next token, in the
+/// kubelet's worst case after one failed token request: the default `renewBefore` aims for it.
+pub const POD_MARGIN: Duration = Duration::from_secs(60);
 /// A token is renewed no sooner than this share of its lifetime after it was issued...
 pub const MIN_RENEW_INTERVAL_FRACTION: f64 = 0.25;
 /// ...and no sooner than this (capped at half the lifetime), so that no `renewBefore` makes an
@@ -45,6 +47,45 @@ pub struct RenewPlan {
     pub lifetime: SignedDuration,
 }
 
+/// How early tokens are renewed: the object's `renewBefore`, or else the default.
+///
+/// The default is a third of the lifetime, or longer when that is what it takes for a pod that
+/// mounts the Secret to keep [`POD_MARGIN`] of validity: `mount_delay` (the longest the kubelet
+/// takes to show an update in a volume, measured at 1 to 1.5 times its sync period) plus one
+/// failed request (`failed_attempt`) plus the margin. For 300 s tokens and the defaults
+/// (90 s, 15 s request timeout plus 2 s backoff) that is 167 s. When even the longest
+/// renew-before the minimum interval allows is shorter than `mount_delay`, volumes cannot be
+/// served anyway (`RenewBeforeTooShort` says so) and the default stays a third.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RenewBefore {
+    /// The object's `spec.renewBefore`.
+    pub requested: Option<Duration>,
+    /// `--kubelet-sync-period`; zero: no pod reads tokens from a volume, the default is a third.
+    pub mount_delay: Duration,
+    /// How long one failed token request and its retry delay take.
+    pub failed_attempt: Duration,
+}
+
+impl RenewBefore {
+    /// `requested`, or a third of the lifetime.
+    pub fn requested(requested: Option<Duration>) -> Self {
+        Self { requested, ..Self::default() }
+    }
+
+    /// The default renew-before of a token of `lifetime`, of which at most `longest` may be
+    /// renewed ahead.
+    fn default_for(&self, lifetime: SignedDuration, longest: SignedDuration) -> SignedDuration {
+        let third = lifetime.mul_f64(DEFAULT_RENEW_FRACTION);
+        let signed = |d: Duration| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+        let mount = signed(self.mount_delay);
+        if mount.is_zero() || longest < mount {
+            return third;
+        }
+        let target = mount.saturating_add(signed(self.failed_attempt)).saturating_add(signed(POD_MARGIN));
+        third.max(target.min(longest))
+    }
+}
+
 /// The shortest interval between a token's issue and its renewal.
 pub fn min_renew_interval(lifetime: SignedDuration) -> SignedDuration {
     let floor = SignedDuration::try_from(MIN_RENEW_INTERVAL).unwrap_or(SignedDuration::ZERO);
@@ -55,22 +96,17 @@ pub fn min_renew_interval(lifetime: SignedDuration) -> SignedDuration {
 ///
 /// `jitter` in `[0, 1)` picks the point inside the jitter window; it only ever makes the renewal
 /// earlier, so a mounted token always keeps at least `renew_before` of validity.
-pub fn plan_renewal(
-    issued_at: Timestamp,
-    expires_at: Timestamp,
-    renew_before: Option<Duration>,
-    jitter: f64,
-) -> RenewPlan {
+pub fn plan_renewal(issued_at: Timestamp, expires_at: Timestamp, renew_before: RenewBefore, jitter: f64) -> RenewPlan {
     let lifetime = expires_at.duration_since(issued_at);
     if lifetime <= SignedDuration::ZERO {
         return RenewPlan { renew_at: issued_at, renew_before: SignedDuration::ZERO, fell_back: false, lifetime };
     }
     let min_interval = min_renew_interval(lifetime);
     let longest = lifetime - min_interval;
-    let (before, fell_back) = match renew_before.and_then(|d| SignedDuration::try_from(d).ok()) {
+    let (before, fell_back) = match renew_before.requested.and_then(|d| SignedDuration::try_from(d).ok()) {
         Some(d) if d <= longest => (d, false),
         Some(_) => (longest, true),
-        None => (lifetime.mul_f64(DEFAULT_RENEW_FRACTION), false),
+        None => (renew_before.default_for(lifetime, longest), false),
     };
     let window =
         lifetime.mul_f64(MAX_JITTER_FRACTION).min(SignedDuration::try_from(MAX_JITTER).unwrap_or(SignedDuration::ZERO));
@@ -96,10 +132,11 @@ pub fn timing_warning(
     let advice = |m: &mut String| {
         if short {
             m.push_str(&format!(
-                "; that leaves less than the {mount}s a pod's mounted Secret can take to show a new token (the \
-                 kubelet's sync period), so pods reading it from a volume may read an expired token: ask Keycloak \
-                 for tokens that live at least {}s (the client's Access Token Lifespan) and set spec.renewBefore to \
-                 at least {mount}s, or read the Secret through the Kubernetes API",
+                "; a pod that mounts the Secret sees a new token up to {mount}s after it is written (the kubelet \
+                 resyncs each pod within 1.5 times its sync period), so pods reading it from a volume may read an \
+                 expired token: ask Keycloak for tokens that live at least {}s (the client's Access Token Lifespan) \
+                 and leave spec.renewBefore unset (the default then leaves pods a margin) or set it above {mount}s, \
+                 or read the Secret through the Kubernetes API",
                 mount * 4 / 3 + 1
             ));
         }
@@ -171,46 +208,78 @@ mod tests {
 
     #[test]
     fn default_renews_with_a_third_of_the_lifetime_left() {
-        let p = plan_renewal(t(0), t(300), None, 0.0);
+        let p = plan_renewal(t(0), t(300), RenewBefore::default(), 0.0);
         assert_eq!(p.renew_at, t(200));
         assert_eq!(p.renew_before, SignedDuration::from_secs(100));
         assert!(!p.fell_back);
     }
 
+    /// The operator's defaults: the kubelet's worst case 90 s, a 15 s request timeout and the
+    /// 2 s first backoff.
+    fn for_volumes(requested: Option<Duration>) -> RenewBefore {
+        RenewBefore {
+            requested,
+            mount_delay: Duration::from_secs(90),
+            failed_attempt: Duration::from_secs(15) + INITIAL_BACKOFF,
+        }
+    }
+
+    #[test]
+    fn default_leaves_a_pod_a_minute_after_the_kubelets_worst_case_and_one_failure() {
+        // 300 s tokens: 90 + 17 + 60 = 167 s ahead, more than a third.
+        let p = plan_renewal(t(0), t(300), for_volumes(None), 0.0);
+        assert_eq!(p.renew_before, SignedDuration::from_secs(167));
+        assert_eq!(p.renew_at, t(133));
+        assert!(!p.fell_back);
+        // Long tokens: a third is more than enough.
+        assert_eq!(plan_renewal(t(0), t(900), for_volumes(None), 0.0).renew_before, SignedDuration::from_secs(300));
+        // 180 s tokens: the target does not fit; as much as the minimum interval (45 s) allows.
+        assert_eq!(plan_renewal(t(0), t(180), for_volumes(None), 0.0).renew_before, SignedDuration::from_secs(135));
+        // Too short for volumes at all (75 s < 90 s even at the minimum interval): a third.
+        assert_eq!(plan_renewal(t(0), t(100), for_volumes(None), 0.0).renew_before.as_secs(), 33);
+        assert_eq!(plan_renewal(t(0), t(20), for_volumes(None), 0.0).renew_before.as_secs(), 6);
+        // No volumes to cover (--kubelet-sync-period=0s): a third.
+        let none = RenewBefore { mount_delay: Duration::ZERO, ..for_volumes(None) };
+        assert_eq!(plan_renewal(t(0), t(300), none, 0.0).renew_before, SignedDuration::from_secs(100));
+        // An explicit renewBefore wins.
+        let explicit = plan_renewal(t(0), t(300), for_volumes(Some(Duration::from_secs(100))), 0.0);
+        assert_eq!(explicit.renew_before, SignedDuration::from_secs(100));
+    }
+
     #[test]
     fn explicit_renew_before_is_honoured() {
-        let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(60)), 0.0);
+        let p = plan_renewal(t(0), t(300), RenewBefore::requested(Some(Duration::from_secs(60))), 0.0);
         assert_eq!(p.renew_at, t(240));
     }
 
     #[test]
     fn renewals_keep_a_minimum_interval() {
         // Just under the lifetime: renewed a quarter of the lifetime after issue, not every second.
-        let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(299)), 0.9);
+        let p = plan_renewal(t(0), t(300), RenewBefore::requested(Some(Duration::from_secs(299))), 0.9);
         assert_eq!(p.renew_at, t(75));
         assert!(p.fell_back);
         // A 12 s token: at least 5 s between issue and renewal.
-        let p = plan_renewal(t(0), t(12), Some(Duration::from_secs(11)), 0.0);
+        let p = plan_renewal(t(0), t(12), RenewBefore::requested(Some(Duration::from_secs(11))), 0.0);
         assert_eq!(p.renew_at, t(5));
         // A 6 s token: half its lifetime.
-        let p = plan_renewal(t(0), t(6), Some(Duration::from_secs(6)), 0.0);
+        let p = plan_renewal(t(0), t(6), RenewBefore::requested(Some(Duration::from_secs(6))), 0.0);
         assert_eq!(p.renew_at, t(3));
         // Within the limit: as asked.
-        let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(225)), 0.0);
+        let p = plan_renewal(t(0), t(300), RenewBefore::requested(Some(Duration::from_secs(225))), 0.0);
         assert_eq!((p.renew_at, p.fell_back), (t(75), false));
     }
 
     #[test]
     fn timing_warnings_name_the_fix() {
         let mount = DEFAULT_MOUNT_DELAY;
-        let ok = plan_renewal(t(0), t(300), None, 0.0);
+        let ok = plan_renewal(t(0), t(300), RenewBefore::default(), 0.0);
         assert_eq!(timing_warning(&ok, None, mount), None);
-        let short = plan_renewal(t(0), t(20), Some(Duration::from_secs(8)), 0.0);
+        let short = plan_renewal(t(0), t(20), RenewBefore::requested(Some(Duration::from_secs(8))), 0.0);
         let (why, m) = timing_warning(&short, Some(Duration::from_secs(8)), mount).unwrap();
         assert_eq!(why, crate::failure::reason::RENEW_BEFORE_TOO_SHORT);
         assert!(m.contains("renewed 8s before") && m.contains("90s") && m.contains("at least 121s"), "{m}");
         assert_eq!(timing_warning(&short, Some(Duration::from_secs(8)), Duration::ZERO), None, "0 turns it off");
-        let adjusted = plan_renewal(t(0), t(300), Some(Duration::from_secs(600)), 0.0);
+        let adjusted = plan_renewal(t(0), t(300), RenewBefore::requested(Some(Duration::from_secs(600))), 0.0);
         let (why, m) = timing_warning(&adjusted, Some(Duration::from_secs(600)), mount).unwrap();
         assert_eq!(why, crate::failure::reason::RENEW_BEFORE_ADJUSTED);
         assert!(m.contains("spec.renewBefore 600s") && m.contains("renewed 225s before"), "{m}");
@@ -219,7 +288,7 @@ mod tests {
     #[test]
     fn renew_before_not_shorter_than_lifetime_falls_back_to_the_minimum_interval() {
         for rb in [300, 301, 10_000] {
-            let p = plan_renewal(t(0), t(300), Some(Duration::from_secs(rb)), 0.0);
+            let p = plan_renewal(t(0), t(300), RenewBefore::requested(Some(Duration::from_secs(rb))), 0.0);
             assert_eq!(p.renew_at, t(75), "renewBefore {rb}s");
             assert!(p.fell_back);
         }
@@ -228,19 +297,19 @@ mod tests {
     #[test]
     fn jitter_only_makes_renewal_earlier_and_is_bounded() {
         for j in [0.0, 0.25, 0.5, 0.999_999, 1.0, 7.0, -3.0] {
-            let p = plan_renewal(t(0), t(300), None, j);
+            let p = plan_renewal(t(0), t(300), RenewBefore::default(), j);
             assert!(p.renew_at <= t(200), "jitter {j}");
             // 5% of 300 s is 15 s, capped at 10 s.
             assert!(p.renew_at >= t(190), "jitter {j}: {}", p.renew_at);
         }
-        let short = plan_renewal(t(0), t(20), None, 0.999);
+        let short = plan_renewal(t(0), t(20), RenewBefore::default(), 0.999);
         assert!(short.renew_at >= t(20 - 7 - 1) && short.renew_at <= t(14), "{short:?}");
     }
 
     #[test]
     fn an_already_expired_lifetime_renews_at_once() {
-        assert_eq!(plan_renewal(t(10), t(10), None, 0.5).renew_at, t(10));
-        assert_eq!(plan_renewal(t(10), t(5), None, 0.5).renew_at, t(10));
+        assert_eq!(plan_renewal(t(10), t(10), RenewBefore::default(), 0.5).renew_at, t(10));
+        assert_eq!(plan_renewal(t(10), t(5), RenewBefore::default(), 0.5).renew_at, t(10));
     }
 
     #[test]

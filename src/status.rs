@@ -200,7 +200,7 @@ pub fn find<'a>(status: &'a RegistryAccessStatus, type_: &str) -> Option<&'a Con
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::plan_renewal;
+    use crate::schedule::{RenewBefore, plan_renewal};
     use crate::secret::tests::{facts as token, token as full_token};
     use secrecy::ExposeSecret;
 
@@ -216,7 +216,7 @@ mod tests {
             generation: Some(3),
             secret_name: "consent-02-token",
             token,
-            plan: token.map(|t| plan_renewal(t.issued_at, t.expires_at, None, 0.0)),
+            plan: token.map(|t| plan_renewal(t.issued_at, t.expires_at, RenewBefore::default(), 0.0)),
             conflict: false,
             failure,
             upcoming: None,
@@ -357,7 +357,12 @@ mod tests {
     fn fallback_is_said_in_the_status() {
         let t = token(T0, T0 + 300);
         let mut i = inputs(10, Some(&t), None);
-        i.plan = Some(plan_renewal(t.issued_at, t.expires_at, Some(std::time::Duration::from_secs(400)), 0.0));
+        i.plan = Some(plan_renewal(
+            t.issued_at,
+            t.expires_at,
+            RenewBefore::requested(Some(std::time::Duration::from_secs(400))),
+            0.0,
+        ));
         let s = build(&i);
         assert!(cond(&s, READY).2.contains("renewing 225s before expiry instead"), "{}", cond(&s, READY).2);
         assert_eq!(s.renew_at, Some(Time(at(75))));

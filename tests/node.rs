@@ -46,12 +46,13 @@ fn main() {
     if !list && !node::inside() {
         std::process::exit(node::run_sandboxed());
     }
-    support::harness::run_in(
-        "node",
-        tests![the_operator_runs_as_pods_and_survives_restarts, pods_that_mount_the_token_never_read_an_expired_one],
-        2,
-        || Box::pin(start()),
-    )
+    // `make bench` runs the pod freshness measurement instead of the suite (RAO_POD_FRESHNESS=1).
+    let cases = if std::env::var_os("RAO_POD_FRESHNESS").is_some() {
+        tests![pod_freshness]
+    } else {
+        tests![the_operator_runs_as_pods_and_survives_restarts, pods_that_mount_the_token_never_read_an_expired_one]
+    };
+    support::harness::run_in("node", cases, 2, || Box::pin(start()))
 }
 
 async fn start() -> Result<NodeEnv> {
@@ -404,8 +405,9 @@ async fn readings(pods: &Api<Pod>, name: &str) -> Result<Vec<Reading>> {
     Ok(out)
 }
 
-/// A workload pod on node 0 reading the token `how`: "volume", "subpath" or "env".
-fn workload_pod(image: &str, how: &str, secret: &str) -> Result<Pod> {
+/// A workload pod `workload-<suffix>` on `node` reading the token `how`: "volume", "subpath" or
+/// "env".
+fn workload_pod(image: &str, how: &str, secret: &str, suffix: &str, node: &str) -> Result<Pod> {
     let mut container = json!({
         "name": "workload",
         "image": image,
@@ -428,9 +430,9 @@ fn workload_pod(image: &str, how: &str, secret: &str) -> Result<Pod> {
         }
     }
     Ok(serde_json::from_value(json!({
-        "metadata": {"name": format!("workload-{how}")},
+        "metadata": {"name": format!("workload-{suffix}")},
         "spec": {
-            "nodeName": "node-0",
+            "nodeName": node,
             "hostNetwork": true,
             "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
             "containers": [container],
@@ -453,7 +455,8 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
     let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
     let pods: Api<Pod> = Api::namespaced(e.cluster.client().await?, ns);
     for how in ["volume", "subpath", "env"] {
-        pods.create(&PostParams::default(), &workload_pod(&env.images.workload, how, "svc-token")?).await?;
+        pods.create(&PostParams::default(), &workload_pod(&env.images.workload, how, "svc-token", how, "node-0")?)
+            .await?;
     }
     let t = Instant::now();
     let first_exp = loop {
@@ -501,15 +504,7 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
     assert!(expired.is_empty(), "the volume pod read an expired token: {expired:?}");
     let min_left = volume.iter().map(|r| r.remaining_s).min().unwrap_or_default();
     let written = seen.lock().unwrap().tokens.clone();
-    let mut delays = Vec::new();
-    let mut last = None;
-    for r in &volume {
-        if last.is_some() && last != Some(r.iat) {
-            let (_, written_at) = written.get(&r.iat).ok_or("the pod read a token never seen in the Secret")?;
-            delays.push((r.at_ms - written_at) as f64 / 1000.0);
-        }
-        last = Some(r.iat);
-    }
+    let delays = delivery_delays(&volume, &written)?;
     eprintln!(
         "[node] delivery delay, Secret write to the mounted file's change (kubelet syncFrequency {SYNC_FREQUENCY}): {delays:.1?} s; \
          least validity left seen in the pod: {min_left} s; {} tokens issued",
@@ -529,6 +524,110 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
     let grants = e.keycloak.grants(REALM, &client_id).await?;
     assert_eq!(grants, written.len(), "Keycloak grants vs tokens written");
     leak_check(e, &[ns]).await
+}
+
+/// Seconds from each token's write to the Secret (first seen by the test's poller) to the first
+/// reading of it in a pod, for every token after the pod's first.
+fn delivery_delays(readings: &[Reading], written: &BTreeMap<i64, (i64, i64)>) -> Result<Vec<f64>> {
+    let mut delays = Vec::new();
+    let mut last = None;
+    for r in readings {
+        if last.is_some() && last != Some(r.iat) {
+            let (_, written_at) = written.get(&r.iat).ok_or("the pod read a token never seen in the Secret")?;
+            delays.push((r.at_ms - written_at) as f64 / 1000.0);
+        }
+        last = Some(r.iat);
+    }
+    Ok(delays)
+}
+
+/// `make bench`'s pod freshness run: Keycloak's default 300 s tokens with the operator's default
+/// renewBefore and the kubelet's default sync period; `RAO_POD_FRESHNESS_PODS` workload pods
+/// (default 10, spread over both nodes) mount the Secret for `RAO_POD_FRESHNESS_RENEWALS`
+/// renewals (default 5). Reports the delivery delay distribution and the least validity any pod
+/// saw, to stdout and to `target/bench/pod-freshness.json`; fails if a pod read an expired token.
+async fn pod_freshness(env: Arc<NodeEnv>) -> Result<()> {
+    let number = |var: &str, default: usize| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (pod_count, renewals) = (number("RAO_POD_FRESHNESS_PODS", 10), number("RAO_POD_FRESHNESS_RENEWALS", 5));
+    let e = &env.env;
+    let ns = "team-freshness";
+    let client = e.cluster.client().await?;
+    k8s::create_namespace(&client, ns).await?;
+    let client_id = format!("{ns}-svc");
+    let info = e.keycloak.create_client(REALM, &client_id, Some(300), true).await?;
+    k8s::put_client_secret(&client, ns, "creds", &[("client_secret", &info.secret)]).await?;
+    let spec = json!({"server": e.keycloak.base_url, "realm": REALM, "clientId": client_id, "clientSecretRef": {"name": "creds"}});
+    k8s::apply_ra(&client, ns, "svc", spec).await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
+    wait_new_token(&seen, 0, "for the first token", Duration::from_secs(60)).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let names: Vec<String> = (0..pod_count).map(|i| format!("workload-{i}")).collect();
+    for (i, _) in names.iter().enumerate() {
+        let pod =
+            workload_pod(&env.images.workload, "volume", "svc-token", &i.to_string(), &format!("node-{}", i % NODES))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    let t = Instant::now();
+    eprintln!(
+        "[node] pod freshness: {pod_count} pods, waiting for {renewals} renewals of 300 s tokens (about {} min)",
+        renewals * 133 / 60 + 3
+    );
+    let all = loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut all = Vec::new();
+        for name in &names {
+            all.push(readings(&pods, name).await.unwrap_or_default());
+        }
+        let least = all.iter().map(|rs| rs.iter().map(|r| r.iat).collect::<BTreeSet<_>>().len()).min().unwrap_or(0);
+        if least > renewals {
+            break all;
+        }
+        if t.elapsed() > Duration::from_secs(300 * (renewals as u64 + 2)) {
+            return Err(format!("after {:?} the slowest pod has read {least} tokens", t.elapsed()).into());
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poller.await??;
+    let written = seen.lock().unwrap().tokens.clone();
+    let mut delays: Vec<f64> = Vec::new();
+    for rs in &all {
+        delays.extend(delivery_delays(rs, &written)?);
+    }
+    delays.sort_by(f64::total_cmp);
+    let least_left = all.iter().flatten().map(|r| r.remaining_s).min().unwrap_or_default();
+    let expired = all.iter().flatten().filter(|r| r.expired).count();
+    let pct = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    let report = json!({
+        "pods": pod_count,
+        "tokens": written.len(),
+        "token_lifetime_s": 300,
+        "kubelet_sync_frequency": SYNC_FREQUENCY,
+        "delivery_delay_s": {"samples": delays.len(), "min": delays[0], "p50": pct(0.5), "p90": pct(0.9), "max": pct(1.0)},
+        "least_validity_seen_in_a_pod_s": least_left,
+        "expired_readings": expired,
+        "grants": e.keycloak.grants(REALM, &client_id).await?,
+    });
+    println!(
+        "pod freshness (300 s tokens, default renewBefore, kubelet syncFrequency {SYNC_FREQUENCY}, {pod_count} pods)"
+    );
+    println!("| figure | measured |\n|---|---|");
+    println!(
+        "| delivery delay, Secret write to the mounted file's change ({} samples) | min {:.1} s, median {:.1} s, p90 {:.1} s, max {:.1} s |",
+        delays.len(),
+        delays[0],
+        pct(0.5),
+        pct(0.9),
+        pct(1.0)
+    );
+    println!("| least validity left seen in a pod | {least_left} s |");
+    println!("| readings of an expired token | {expired} |");
+    let out = repo().join("target/bench/pod-freshness.json");
+    std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("[node] report written to {}", out.display());
+    assert_eq!(expired, 0, "a pod read an expired token");
+    Ok(())
 }
 
 /// Nothing sensitive in the namespaces' statuses and Events or in the operator pods' logs.

@@ -11,6 +11,7 @@
 //! the outer process: the kubelet's sysctls, its cgroups and the directories created for the
 //! fixed paths.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -48,15 +49,18 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("buildah", "Debian package buildah"),
 ];
 
+/// Set to the pid of the process that started the sandbox, in the sandbox's first process.
+pub const OUTER_PID: &str = "RAO_NODE_OUTER_PID";
+
 /// True in the suite's process inside the sandbox.
 pub fn inside() -> bool {
     std::env::var_os(INSIDE).is_some()
 }
 
-/// Runs this test binary again inside the sandbox with the same arguments, restores the machine
-/// afterwards, and returns the exit code. Fails loudly (never skips) when something is missing.
-pub fn run_sandboxed() -> i32 {
-    let missing: Vec<String> = PROGRAMS
+/// What is missing for a node on this machine, if anything (the node suite fails with it; the
+/// demo runs without a node).
+pub fn unavailable() -> Option<String> {
+    let mut missing: Vec<String> = PROGRAMS
         .iter()
         .filter(|(p, _)| !on_path(p))
         .map(|(p, from)| format!("{p} ({from})"))
@@ -65,12 +69,18 @@ pub fn run_sandboxed() -> i32 {
                 .then(|| "/usr/lib/cni/loopback (Debian package containernetworking-plugins)".to_owned()),
         )
         .collect();
-    if !missing.is_empty() {
-        eprintln!("[node] missing: {}; hack/prerequisites.sh installs them", missing.join(", "));
-        return 1;
-    }
     if !nix_is_root() {
-        eprintln!("[node] the node suite runs a kubelet and containerd: it needs root");
+        missing.push("root (a kubelet and containerd run as root)".to_owned());
+    }
+    (!missing.is_empty())
+        .then(|| format!("missing: {}; hack/prerequisites.sh installs the programs", missing.join(", ")))
+}
+
+/// Runs this test binary again inside the sandbox with the same arguments, restores the machine
+/// afterwards, and returns the exit code. Fails loudly (never skips) when something is missing.
+pub fn run_sandboxed() -> i32 {
+    if let Some(why) = unavailable() {
+        eprintln!("[node] {why}");
         return 1;
     }
     let sysctls: Vec<(PathBuf, String)> = KUBELET_SYSCTLS
@@ -95,14 +105,21 @@ pub fn run_sandboxed() -> i32 {
     }
 
     let exe = std::env::current_exe().expect("the test binary's path");
-    let status = Command::new("unshare")
+    // In a process group of its own, so that Ctrl-C reaches only this process: it is passed on
+    // to the sandbox's first process, and this one stays to restore the machine.
+    let child = Command::new("unshare")
         .args(["--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child", "--"])
         .arg(exe)
         .args(std::env::args_os().skip(1))
         .env(INSIDE, &prefix)
-        .status();
-    let code = match status {
-        Ok(s) => s.code().unwrap_or(1),
+        .env(OUTER_PID, std::process::id().to_string())
+        .process_group(0)
+        .spawn();
+    let code = match child {
+        Ok(mut child) => {
+            forward_interrupts(child.id());
+            child.wait().ok().and_then(|s| s.code()).unwrap_or(1)
+        }
         Err(e) => {
             eprintln!("[node] cannot start the sandbox with unshare: {e}");
             1
@@ -134,6 +151,29 @@ pub fn run_sandboxed() -> i32 {
         }
     }
     if code == 0 && !clean { 1 } else { code }
+}
+
+/// Passes SIGINT and SIGTERM on to the sandbox's first process (the child of `unshare`), which
+/// stops the environment; if it has not ended 30 s later, `unshare` is killed, and with it every
+/// process of the sandbox.
+fn forward_interrupts(unshare: u32) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+                return;
+            };
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            let inner = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).unwrap_or_default();
+            for pid in inner.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(unshare as i32), nix::sys::signal::Signal::SIGKILL);
+        });
+    });
 }
 
 fn on_path(program: &str) -> bool {
