@@ -511,8 +511,9 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
         written.len()
     );
     assert!(delays.len() >= 3, "fewer than three renewals reached the pod: {delays:?}");
-    // The kubelet resyncs each pod within 1.5 x syncFrequency; a second of reading cadence.
-    assert!(delays.iter().all(|d| *d < 92.0), "a delivery took longer than the kubelet's 90 s worst case: {delays:?}");
+    // The kubelet resyncs each pod within 1.5 x syncFrequency (90 s); allow the sync's own work,
+    // the poller's 250 ms and the pod's 1 s reading cadence.
+    assert!(delays.iter().all(|d| *d < 95.0), "a delivery took longer than the kubelet's 90 s worst case: {delays:?}");
 
     // subPath and env: one token, read until (and after) it expired.
     for (what, rs) in [("subPath mount", &subpath), ("environment variable", &env_var)] {

@@ -104,6 +104,17 @@ pub fn run_sandboxed() -> i32 {
         }
     }
 
+    // The sandbox's temporary files (the environment's directory) go in a directory of this
+    // process: inside, some of them are mount points until the mount namespace ends, so only
+    // afterwards can they be removed. RAO_E2E_KEEP=1 keeps it.
+    let keep = std::env::var_os("RAO_E2E_KEEP").is_some();
+    let tmp = match tempfile::Builder::new().prefix("registry-access-node-").disable_cleanup(keep).tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("[node] cannot create a temporary directory: {e}");
+            return 1;
+        }
+    };
     let exe = std::env::current_exe().expect("the test binary's path");
     // In a process group of its own, so that Ctrl-C reaches only this process: it is passed on
     // to the sandbox's first process, and this one stays to restore the machine.
@@ -113,6 +124,7 @@ pub fn run_sandboxed() -> i32 {
         .args(std::env::args_os().skip(1))
         .env(INSIDE, &prefix)
         .env(OUTER_PID, std::process::id().to_string())
+        .env("TMPDIR", tmp.path())
         .process_group(0)
         .spawn();
     let code = match child {
@@ -143,6 +155,10 @@ pub fn run_sandboxed() -> i32 {
             eprintln!("[node] cannot restore {}: {e}", path.display());
             clean = false;
         }
+    }
+    if !keep && let Err(e) = std::fs::remove_dir_all(tmp.path()) {
+        eprintln!("[node] cannot remove {}: {e}", tmp.path().display());
+        clean = false;
     }
     for d in &created {
         if let Err(e) = std::fs::remove_dir_all(d) {
