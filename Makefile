@@ -2,12 +2,14 @@
 .PHONY: demo test bench tools crds manifests build fmt lint
 
 # A local demo: real kube-apiserver, etcd, kube-controller-manager and Keycloak, the CRD, the
-# operator and examples/, showing tokens being refreshed until Ctrl-C.
+# operator and examples/, showing tokens being refreshed until Ctrl-C; where a node can run (root,
+# containerd), in the node suite's sandbox with a kubelet and a pod that mounts the token Secret.
+# RAO_DEMO_NODE=0: without the node.
 demo: tools
 	cargo build --bin registry-access-operator --example demo
 	cargo run --example demo
 
-# Every test: formatting, lints, CRD drift, unit, token-client and end-to-end tests.
+# Every test: formatting, lints, CRD drift, unit, token-client, end-to-end and node suites.
 test:
 	bash hack/test.sh
 
