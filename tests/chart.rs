@@ -29,26 +29,8 @@ fn kube_version() -> String {
     versions.lines().find_map(|l| l.strip_prefix("KUBERNETES_VERSION=")).unwrap_or("v1.34.0").to_owned()
 }
 
-/// Runs the built helm against the test cluster, with its state kept in the environment.
 fn helm(env: &Env, args: &[&str]) -> Result<String> {
-    let home = env.path().join("helm");
-    let out = Command::new(env.tools.bin.join("helm"))
-        .args(args)
-        .arg(format!("--kubeconfig={}", env.cluster.kubeconfig.display()))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "helm {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    env.helm(args)
 }
 
 /// A kubeconfig holding a token of the ServiceAccount (TokenRequest API).

@@ -8,7 +8,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -102,23 +101,8 @@ fn install_operator(env: &Env, images: &Images) -> Result<()> {
         args.extend(["--set".to_owned(), s]);
     }
     args.extend(["--set-string".to_owned(), format!("extraEnv[1].value={port}")]);
-    helm(env, &args)?;
+    env.helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     Ok(())
-}
-
-fn helm(env: &Env, args: &[String]) -> Result<String> {
-    let home = env.path().join("helm");
-    let out = Command::new(env.tools.bin.join("helm"))
-        .args(args)
-        .arg(format!("--kubeconfig={}", env.cluster.kubeconfig.display()))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("helm {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn now_ms() -> i64 {

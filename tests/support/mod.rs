@@ -36,25 +36,27 @@ pub struct Tools {
 impl Tools {
     /// Runs hack/provision.sh (seconds when the cache is warm) and reads where it put the tools.
     pub fn provision() -> Result<Self> {
-        let out = Command::new("bash").arg(repo().join("hack/provision.sh")).output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "hack/provision.sh failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .map(PathBuf::from)
-                .ok_or_else(|| format!("hack/provision.sh did not print {key}="))
-        };
-        Ok(Self { bin: get("bin")?, keycloak_home: get("keycloak_home")? })
+        let get = run_script("hack/provision.sh")?;
+        Ok(Self { bin: get("bin")?.into(), keycloak_home: get("keycloak_home")?.into() })
     }
+}
+
+/// Runs a script of the repository (`hack/...`) and returns a lookup of the `key=value` lines it
+/// printed; fails with its stderr when it fails.
+pub fn run_script(script: &str) -> Result<impl Fn(&str) -> Result<String>> {
+    let out = Command::new("bash").arg(repo().join(script)).output()?;
+    if !out.status.success() {
+        return Err(format!("{script} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let script = script.to_owned();
+    Ok(move |key: &str| -> Result<String> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{script} did not print {key}=").into())
+    })
 }
 
 /// Prints how long a phase took, on stderr.
@@ -120,6 +122,28 @@ impl Env {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Runs the built helm against the test cluster, with its state kept in the environment.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        let home = self.path().join("helm");
+        let out = Command::new(self.tools.bin.join("helm"))
+            .args(args)
+            .arg(format!("--kubeconfig={}", self.cluster.kubeconfig.display()))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "helm {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Starts another Keycloak with the test realm, HTTPS-only with the given certificate and key;

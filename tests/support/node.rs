@@ -21,7 +21,7 @@ use kube::Api;
 
 use super::cluster::{Cluster, kubeconfig_with_cert};
 use super::process::{Proc, free_port, tail, wait_for};
-use super::{Result, repo};
+use super::{Result, run_script};
 
 /// Set (to the cgroup prefix) in the environment of the suite's process inside the sandbox.
 pub const INSIDE: &str = "RAO_NODE_SANDBOX";
@@ -279,23 +279,7 @@ pub struct Images {
 impl Images {
     /// Runs hack/node-images.sh (seconds when nothing changed) and reads what it built.
     pub fn build() -> Result<Self> {
-        let out = Command::new("bash").arg(repo().join("hack/node-images.sh")).output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "hack/node-images.sh failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .map(str::to_owned)
-                .ok_or_else(|| format!("hack/node-images.sh did not print {key}="))
-        };
+        let get = run_script("hack/node-images.sh")?;
         Ok(Self {
             dir: PathBuf::from(get("images")?),
             pause: get("pause_image")?,
