@@ -330,6 +330,14 @@ async fn renew(
     timeout: Duration,
     output: Output,
 ) -> Result<(), PluginError> {
+    // Issue times are whole seconds: a token issued in this very second could not be told from
+    // its successor, so the request waits for the next second.
+    let newest = targets.iter().filter_map(|r| r.status.as_ref()?.issued_at.as_ref()).map(|t| t.0.as_second()).max();
+    let now = Timestamp::now();
+    if newest.is_some_and(|s| s >= now.as_second()) {
+        tokio::time::sleep(Duration::from_nanos(1_000_000_000 - u64::from(now.subsec_nanosecond().unsigned_abs())))
+            .await;
+    }
     let requested = Timestamp::now();
     let mut results = Vec::new();
     for ra in &targets {
@@ -357,7 +365,7 @@ async fn renew(
                     .and_then(|r| r.status)
                     .and_then(|s| s.issued_at)
                     .map(|t| t.0);
-                if now.is_some() && now != *previous {
+                if now.is_some() && (previous.is_none() || now > *previous) {
                     *issued = now;
                 }
             }
