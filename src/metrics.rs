@@ -27,6 +27,14 @@ pub struct RequestLabels {
     pub reason: String,
 }
 
+/// Labels of a Degraded object: which one, and the condition's reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradedLabels {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
 /// Labels of a failed reconcile: the stage that failed at the Kubernetes API.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -39,6 +47,10 @@ pub struct Metrics {
     token_expiry: Family<ObjectLabels, Gauge<i64>>,
     ready: Family<ObjectLabels, Gauge<i64>>,
     missing_roles: Family<ObjectLabels, Gauge<i64>>,
+    degraded: Family<DegradedLabels, Gauge<i64>>,
+    /// The reason each Degraded object's series carries, to remove it when it changes.
+    degraded_reasons: Mutex<std::collections::HashMap<(String, String), String>>,
+    leader: Gauge<i64>,
     service_account_tokens: Counter,
     token_requests: Family<RequestLabels, Counter>,
     keycloak_duration: Histogram,
@@ -84,6 +96,18 @@ impl Metrics {
             "Required realm roles (spec.requiredRoles) the object's current token lacks; -1 when the token carries no realm_access claim; only for objects with requiredRoles",
             missing_roles.clone(),
         );
+        let degraded = Family::<DegradedLabels, Gauge<i64>>::default();
+        registry.register(
+            "degraded",
+            "1 while the object's Degraded condition is True, labelled with its reason (what to fix); no series otherwise",
+            degraded.clone(),
+        );
+        let leader = Gauge::<i64>::default();
+        registry.register(
+            "leader",
+            "1 while this process runs the controllers (it holds the Lease, or leader election is off), 0 while it waits",
+            leader.clone(),
+        );
         let service_account_tokens = Counter::default();
         registry.register(
             "service_account_token_requests",
@@ -113,6 +137,11 @@ impl Metrics {
             "Reconciles that failed at the Kubernetes API, by the stage that failed",
             reconcile_errors.clone(),
         );
+        // Every stage's series from the start, at zero: rate() and the dashboard see them before
+        // the first failure.
+        for kind in crate::failure::Error::KINDS {
+            reconcile_errors.get_or_create(&ErrorLabels { kind: (*kind).to_owned() }).inc_by(0);
+        }
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register("reconcile_duration_seconds", "Duration of reconciles", reconcile_duration.clone());
         let objects = Gauge::<i64>::default();
@@ -137,6 +166,9 @@ impl Metrics {
             token_expiry,
             ready,
             missing_roles,
+            degraded,
+            degraded_reasons: Mutex::new(std::collections::HashMap::new()),
+            leader,
             service_account_tokens,
             token_requests,
             keycloak_duration,
@@ -181,12 +213,38 @@ impl Metrics {
         }
     }
 
+    /// Records whether one object is Degraded, and why: one series per object while it is.
+    pub fn set_degraded(&self, namespace: &str, name: &str, reason: Option<&str>) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut reasons = self.degraded_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = |reason: String| DegradedLabels { namespace: key.0.clone(), name: key.1.clone(), reason };
+        match reason {
+            Some(reason) => {
+                if let Some(old) = reasons.insert(key.clone(), reason.to_owned()).filter(|old| old != reason) {
+                    self.degraded.remove(&labels(old));
+                }
+                self.degraded.get_or_create(&labels(reason.to_owned())).set(1);
+            }
+            None => {
+                if let Some(old) = reasons.remove(&key) {
+                    self.degraded.remove(&labels(old));
+                }
+            }
+        }
+    }
+
+    /// Whether this process runs the controllers.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
     /// Forgets a deleted object.
     pub fn forget_object(&self, namespace: &str, name: &str) {
         let labels = ObjectLabels { namespace: namespace.to_owned(), name: name.to_owned() };
         self.token_expiry.remove(&labels);
         self.ready.remove(&labels);
         self.missing_roles.remove(&labels);
+        self.set_degraded(namespace, name, None);
     }
 
     /// A TokenRequest was sent for a ServiceAccount token.
@@ -286,7 +344,12 @@ mod tests {
         m.set_undecodable(1);
         m.set_objects(1);
         m.service_account_token_requested();
+        m.set_degraded("billing", "consent-02", Some("KeycloakUnavailable"));
+        m.set_degraded("billing", "consent-02", Some("InvalidClientCredentials"));
+        m.set_leader(true);
         let text = m.render();
+        assert!(!text.contains("KeycloakUnavailable\"} 1\nregistry_access_degraded"), "the old reason's series stays");
+        assert_eq!(text.matches("registry_access_degraded{").count(), 1, "one series per Degraded object");
         for line in [
             r#"registry_access_token_expiry_timestamp_seconds{namespace="billing",name="consent-02"} 1700000300"#,
             r#"registry_access_ready{namespace="billing",name="consent-02"} 1"#,
@@ -302,9 +365,14 @@ mod tests {
             "registry_access_undecodable_objects 1",
             "registry_access_managed_objects 1",
             "registry_access_service_account_token_requests_total 1",
+            r#"registry_access_degraded{namespace="billing",name="consent-02",reason="InvalidClientCredentials"} 1"#,
+            "registry_access_leader 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+        m.set_degraded("billing", "consent-02", None);
+        assert!(!m.render().contains("registry_access_degraded{"), "Degraded cleared, its series stays");
+        m.set_degraded("billing", "consent-02", Some("KeycloakUnavailable"));
         m.forget_object("billing", "consent-02");
         assert!(!m.render().contains("consent-02"));
     }

@@ -35,6 +35,8 @@ pub async fn object(ctx: &Context, ra: &RegistryAccess, r: Report<'_>) -> Result
     let key =
         Key::new(ra.meta().namespace.as_deref().unwrap_or_default(), ra.meta().name.as_deref().unwrap_or_default());
     ctx.metrics.set_object(&key.namespace, &key.name, r.expires_at, r.ready, r.missing_roles);
+    let degraded = r.status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True");
+    ctx.metrics.set_degraded(&key.namespace, &key.name, degraded.map(|c| c.reason.as_str()));
     let uid = ra.meta().uid.as_deref().unwrap_or_default();
     let digest = digest(r.status);
     if !r.write_status || !status_changed(ctx.states.status_written(uid), ra.status.as_ref(), r.status, digest) {

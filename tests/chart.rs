@@ -117,6 +117,58 @@ fn render(env: &Env, ns: &str, values: &[&str]) -> Result<String> {
     helm(env, &args)
 }
 
+/// The alert rules: `promtool check rules` accepts the plain rules file, `promtool test rules`
+/// shows each alert firing where it should and quiet through normal refresh cycles, and the
+/// chart's PrometheusRule and dashboard ConfigMap carry exactly the files' contents.
+async fn alerts_fire_and_stay_quiet_under_promtool(env: Arc<Env>) -> Result<()> {
+    let rules = repo().join("charts/registry-access-operator/files/prometheus-rules.yaml");
+    let promtool = |args: &[&str]| -> Result<String> {
+        let out = Command::new(env.tools.bin.join("promtool")).args(args).output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            return Err(format!("promtool {} failed:\n{text}", args.join(" ")).into());
+        }
+        Ok(text)
+    };
+    let checked = promtool(&["check", "rules", &rules.display().to_string()])?;
+    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
+    let tested =
+        promtool(&["test", "rules", &repo().join("tests/fixtures/prometheus-rules.test.yaml").display().to_string()])?;
+    assert!(tested.contains("SUCCESS"), "{tested}");
+
+    let rendered = helm(
+        &env,
+        &[
+            "template",
+            "rao",
+            &chart(),
+            "--kube-version",
+            &kube_version(),
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "grafanaDashboard.enabled=true",
+        ],
+    )?;
+    let docs = documents(&rendered);
+    let rule = find(&docs, "PrometheusRule", "rao-registry-access-operator", "").ok_or("no PrometheusRule")?;
+    let file: Value = serde_yaml::from_str(&std::fs::read_to_string(&rules)?)?;
+    assert_eq!(rule["spec"]["groups"], file["groups"], "the PrometheusRule differs from the rules file");
+    let dashboard =
+        find(&docs, "ConfigMap", "rao-registry-access-operator-dashboard", "").ok_or("no dashboard ConfigMap")?;
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value =
+        serde_json::from_str(dashboard["data"]["registry-access-operator.json"].as_str().ok_or("no JSON")?)?;
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo().join("charts/registry-access-operator/files/dashboard.json"),
+    )?)?;
+    assert_eq!(json, file, "the dashboard ConfigMap differs from files/dashboard.json");
+    // Off by default.
+    let defaults = documents(&helm(&env, &["template", "rao", &chart(), "--kube-version", &kube_version()])?);
+    assert_eq!(count(&defaults, "PrometheusRule") + count(&defaults, "ConfigMap"), 0);
+    Ok(())
+}
+
 /// The objects of a rendered manifest.
 fn documents(rendered: &str) -> Vec<Value> {
     rendered
@@ -1104,6 +1156,7 @@ fn main() {
         "chart",
         tests![
             lints_and_renders_for_both_scopes,
+            alerts_fire_and_stay_quiet_under_promtool,
             renders_safe_defaults_for_a_shared_cluster,
             cluster_wide_install_works_with_the_chart_permissions_only,
             namespaced_install_is_limited_to_its_namespaces,

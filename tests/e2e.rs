@@ -1097,6 +1097,128 @@ async fn required_roles_are_checked(env: Arc<Env>) -> Result<()> {
     c.finish().await
 }
 
+/// The series names a `/metrics` text offers, from its `# TYPE` lines: counters as `_total`,
+/// histograms as `_bucket`, `_sum` and `_count`, gauges as they are.
+fn exported_series(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        {
+            match kind {
+                "counter" => names.extend([format!("{name}_total"), format!("{name}_created")]),
+                "histogram" => names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}"))),
+                _ => {
+                    names.insert(name.to_owned());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// The metric names a PromQL expression reads: identifiers outside label matchers, strings and
+/// `by (...)` lists that are neither functions nor keywords.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut plain = String::new();
+    let (mut depth, mut quoted) = (0, false);
+    for ch in expr.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            '{' if !quoted => depth += 1,
+            '}' if !quoted => depth -= 1,
+            c if !quoted && depth == 0 => plain.push(c),
+            _ => {}
+        }
+    }
+    let plain = regex_lite_by(&plain);
+    let keywords =
+        ["by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset"];
+    let mut names = BTreeSet::new();
+    let chars: Vec<char> = plain.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_alphabetic() || chars[i] == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            let after_digit = start > 0 && chars[start - 1].is_ascii_digit();
+            if next != Some(&'(') && !keywords.contains(&word.as_str()) && !after_digit {
+                names.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+/// Drops `by (...)` and `without (...)` lists, whose words are label names.
+fn regex_lite_by(expr: &str) -> String {
+    let mut out = expr.to_owned();
+    for kw in ["by", "without"] {
+        while let Some(at) = out.find(&format!("{kw} (")).or_else(|| out.find(&format!("{kw}("))) {
+            let Some(close) = out[at..].find(')') else { break };
+            out.replace_range(at..at + close + 1, " ");
+        }
+    }
+    out
+}
+
+/// Every query of the chart's Grafana dashboard and every alert rule reads only metrics that a
+/// live operator's `/metrics` offers.
+async fn dashboard_and_alerts_use_only_exported_metrics(env: Arc<Env>) -> Result<()> {
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_operator_args(env, "dashboard", &[probe.as_str(), "--kubelet-sync-period=0s"]).await?;
+    let (client_id, _) = c.client_with_creds("dashboard", None).await?;
+    c.ra("dash", c.spec(c.kc(), &client_id, "creds")).await?;
+    c.ready("dash").await?;
+    // A Degraded object too: its reason series exists only while one is.
+    c.client_secret("wrong", "not-the-secret").await?;
+    c.ra("dash-wrong", c.spec(c.kc(), &client_id, "wrong")).await?;
+    let text = scrape_until(port, "a Degraded object", |t| t.contains("registry_access_degraded{")).await?;
+    let exported = exported_series(&text);
+    assert!(
+        exported.contains("registry_access_token_requests_total") && exported.contains("registry_access_leader"),
+        "{exported:?}"
+    );
+
+    let chart = support::repo().join("charts/registry-access-operator/files");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(chart.join("dashboard.json"))?)?;
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().ok_or("no panels")? {
+        let targets = panel["targets"].as_array().ok_or("a panel without targets")?;
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        queries.extend(
+            targets
+                .iter()
+                .map(|t| (format!("panel {}", panel["title"]), t["expr"].as_str().unwrap_or_default().to_owned())),
+        );
+    }
+    let rules: Value = serde_yaml::from_str(&std::fs::read_to_string(chart.join("prometheus-rules.yaml"))?)?;
+    for rule in rules["groups"][0]["rules"].as_array().ok_or("no rules")? {
+        queries.push((format!("alert {}", rule["alert"]), rule["expr"].as_str().unwrap_or_default().to_owned()));
+    }
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    for (what, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{what} reads no metric: {expr}");
+        let unknown: Vec<&String> = names.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(unknown.is_empty(), "{what} reads {unknown:?}, which the operator does not export: {expr}");
+    }
+    // The check itself catches a name the operator does not export.
+    assert!(
+        metric_names("sum(rate(registry_access_tokens_total[5m])) by (reason)")
+            .contains("registry_access_tokens_total")
+    );
+    c.finish().await
+}
+
 /// Runs the kubectl plugin with `kubeconfig`; returns (success, stdout, stderr).
 fn plugin(kubeconfig: &std::path::Path, args: &[&str]) -> Result<(bool, String, String)> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-registry_access"))
@@ -1228,6 +1350,7 @@ fn main() {
             startup_with_many_objects_is_spread_and_capped,
             leader_failover_keeps_tokens_fresh,
             kubectl_plugin_status_renew_inspect_check,
+            dashboard_and_alerts_use_only_exported_metrics,
             private_ca_is_trusted_only_when_given,
             garbage_collection_and_foreign_secrets,
             client_secrets_stay_in_their_namespace,
