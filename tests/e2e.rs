@@ -1324,6 +1324,19 @@ async fn kubectl_plugin_status_renew_inspect_check(env: Arc<Env>) -> Result<()> 
         err.contains(&format!("you may not read Secrets in namespace {ns}: inspect needs get on secrets")),
         "{err}"
     );
+    env.cluster.kubectl(&["create", "role", "ra-events", "-n", ns, "--verb=list", "--resource=events"])?;
+    env.cluster.kubectl(&[
+        "create",
+        "rolebinding",
+        "ra-events",
+        "-n",
+        ns,
+        "--role=ra-events",
+        "--user=plugin-viewer",
+    ])?;
+    let (ok, out, err) = plugin(&kubeconfig, &["-n", ns, "status", "alpha"])?;
+    assert!(ok && out.contains("Ready:       True (TokenValid)"), "status NAME without Secret access: {err}{out}");
+    assert!(out.contains("alpha-token: not shown (you may not get secrets in namespace e2e-plugin)"), "{out}");
     let (ok, _, err) = plugin(&kubeconfig, &["-n", "default", "status"])?;
     assert!(
         !ok && err

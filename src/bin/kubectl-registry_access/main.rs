@@ -197,16 +197,24 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
             let secret_name =
                 ra.status.as_ref().and_then(|s| s.secret_name.clone()).unwrap_or_else(|| ra.token_secret_name());
-            let secret = secrets.get_metadata_opt(&secret_name).await.map_err(|e| {
-                Access { verb: "get", resource: "secrets", namespace: Some(namespace.clone()), command: "status NAME" }
-                    .fail(e)
-            })?;
-            // Metadata only; the key names come from a second read only if the user may get it.
-            let secret = match secret {
-                Some(_) => secrets.get_opt(&secret_name).await.ok().flatten().map(strip_values),
-                None => None,
+            // Shown without its values; a user who may not read Secrets still gets the rest.
+            let (secret, secret_note) = match secrets.get_opt(&secret_name).await {
+                Ok(s) => (s.map(strip_values), None),
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    (None, Some(format!("{secret_name}: not shown (you may not get secrets in namespace {namespace})")))
+                }
+                Err(e) => {
+                    let access = Access {
+                        verb: "get",
+                        resource: "secrets",
+                        namespace: Some(namespace.clone()),
+                        command: "status NAME",
+                    };
+                    return Err(access.fail(e));
+                }
             };
-            let d = view::details(&ra, &events, secret.as_ref(), now);
+            let mut d = view::details(&ra, &events, secret.as_ref(), now);
+            d.secret_note = secret_note;
             match cli.output {
                 Output::Text => print!("{}", view::details_text(&d)),
                 _ => print_as(cli.output, &d)?,
@@ -422,12 +430,17 @@ async fn check(client: &Client) -> Result<view::Health, PluginError> {
         return Ok(health);
     }
     let leases: Api<Lease> = Api::all(client.clone());
-    let leases = leases
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| Access { verb: "list", resource: "leases", namespace: None, command: "check" }.fail(e))?;
+    let leases = match leases.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        // The rest of the picture is still worth showing.
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            health.lease_note =
+                Some("you may not list leases in all namespaces: the Lease holder needs list on leases".into());
+            Vec::new()
+        }
+        Err(e) => return Err(Access { verb: "list", resource: "leases", namespace: None, command: "check" }.fail(e)),
+    };
     health.leases = leases
-        .items
         .into_iter()
         .filter(|l| l.metadata.name.as_deref().is_some_and(|n| n.ends_with(LEASE_SUFFIX)))
         .map(|l| {

@@ -124,6 +124,9 @@ pub struct Details {
     pub events: Vec<EventView>,
     /// The token Secret's metadata (never its data: only the names of its keys).
     pub secret: Option<SecretView>,
+    /// Why the token Secret is not shown, when it exists but may not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -204,6 +207,7 @@ pub fn details(ra: &RegistryAccess, events: &[Event], secret: Option<&Secret>, n
             keys: s.data.as_ref().map(|d| d.keys().cloned().collect()).unwrap_or_default(),
             annotations: s.metadata.annotations.clone().unwrap_or_default(),
         }),
+        secret_note: None,
     }
 }
 
@@ -236,7 +240,7 @@ pub fn details_text(d: &Details) -> String {
         out.push_str(&indent(&columns(&lines)));
     }
     match &d.secret {
-        None => out.push_str("Token Secret: <none>\n"),
+        None => out.push_str(&format!("Token Secret: {}\n", d.secret_note.as_deref().unwrap_or("<none>"))),
         Some(s) => {
             out.push_str(&format!(
                 "Token Secret: {} (created {}, resourceVersion {})\n",
@@ -332,6 +336,9 @@ pub struct Health {
     pub storage_version: Option<String>,
     /// namespace/name of each operator Lease with its holder (None: nobody holds it).
     pub leases: Vec<(String, Option<String>)>,
+    /// Why no Lease could be looked at, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_note: Option<String>,
     pub objects: usize,
     pub ready: usize,
     /// Objects not Ready, by reason.
@@ -368,7 +375,9 @@ pub fn health_text(h: &Health) -> String {
     } else {
         out.push_str("CRD:       registryaccesses.registry-access.io is NOT installed: kubectl apply -f crds/\n");
     }
-    if h.leases.is_empty() {
+    if let Some(note) = &h.lease_note {
+        out.push_str(&format!("Operator:  {note}\n"));
+    } else if h.leases.is_empty() {
         out.push_str("Operator:  no Lease found (leader election off, or the operator is not running)\n");
     }
     for (lease, holder) in &h.leases {
