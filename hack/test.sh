@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, unit tests, the
 # token-client tests, fuzzing, and the end-to-end, faults, isolation and chart suites on a real control plane
-# and Keycloak. Prints each phase's duration and, last, one line "N passed, N failed".
+# and Keycloak, and alongside them the node suite (real kubelets; as root). Prints each phase's
+# duration and, last, one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
