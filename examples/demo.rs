@@ -30,6 +30,8 @@ const NAMESPACE: &str = "default";
 
 /// The token Secret of examples/registryaccess.yaml, which the workload pod mounts.
 const WORKLOAD_SECRET: &str = "consent-02-token";
+/// The pod that shows what a workload reads (examples/workload).
+const WORKLOAD_POD: &str = "registry-client-demo";
 
 fn main() {
     let with_node = std::env::var("RAO_DEMO_NODE").map_or(true, |v| v != "0");
@@ -90,7 +92,11 @@ async fn demo() -> Result<()> {
     let mut operator = Operator::start(&env.cluster.kubeconfig, &log, &[])?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     if let Some(images) = &images {
-        pods.create(&PostParams::default(), &workload_pod(&images.workload)?).await?;
+        pods.create(
+            &PostParams::default(),
+            &node::workload_pod(&images.workload, "volume", WORKLOAD_SECRET, WORKLOAD_POD, "node-0")?,
+        )
+        .await?;
     }
 
     println!();
@@ -105,7 +111,7 @@ async fn demo() -> Result<()> {
     println!("  {k} get registryaccesses -o wide      # or: {k} get ra");
     println!("  {k} get secret consent-02-token -o yaml");
     if node.is_some() {
-        println!("  {k} logs -f registry-client-demo      # the workload pod's view of the token");
+        println!("  {k} logs -f {WORKLOAD_POD}      # the workload pod's view of the token");
     }
     println!("  tail -f {}", log.display());
     println!("Keycloak: {} (realm consent-01-external-system)", env.keycloak.base_url);
@@ -162,42 +168,21 @@ async fn demo() -> Result<()> {
     Ok(())
 }
 
-/// A pod that mounts the documented token Secret as a volume and logs, every second, the times
-/// of the token it reads (examples/workload).
-fn workload_pod(image: &str) -> Result<Pod> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "registry-client-demo"},
-        "spec": {
-            "nodeName": "node-0",
-            "hostNetwork": true,
-            "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": true},
-            "containers": [{
-                "name": "workload",
-                "image": image,
-                "imagePullPolicy": "Never",
-                "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false},
-                "volumeMounts": [{"name": "token", "mountPath": "/var/run/registry-access", "readOnly": true}],
-            }],
-            "volumes": [{"name": "token", "secret": {"secretName": WORKLOAD_SECRET}}],
-        },
-    }))?)
-}
-
 /// The workload pod's last log line, as a line of the demo's output.
 async fn workload_view(pods: &Api<Pod>, now: Timestamp) -> String {
     let params = LogParams { tail_lines: Some(1), ..LogParams::default() };
-    let line = match pods.logs("registry-client-demo", &params).await {
+    let line = match pods.logs(WORKLOAD_POD, &params).await {
         Ok(l) => l,
-        Err(_) => return format!("{} pod registry-client-demo: starting", now.strftime("%H:%M:%S")),
+        Err(_) => return format!("{} pod {WORKLOAD_POD}: starting", now.strftime("%H:%M:%S")),
     };
     let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
     match (v["remaining_s"].as_i64(), v["iat"].as_i64()) {
         (Some(left), Some(iat)) => format!(
-            "{} pod registry-client-demo reads {WORKLOAD_SECRET} from its volume: token issued at {}, {left:>4}s left{}",
+            "{} pod {WORKLOAD_POD} reads {WORKLOAD_SECRET} from its volume: token issued at {}, {left:>4}s left{}",
             now.strftime("%H:%M:%S"),
             Timestamp::from_second(iat).map(|t| t.strftime("%H:%M:%S").to_string()).unwrap_or_default(),
             if v["changed"].as_bool() == Some(true) { "   <- the kubelet delivered a new token" } else { "" }
         ),
-        _ => format!("{} pod registry-client-demo: {}", now.strftime("%H:%M:%S"), line.trim()),
+        _ => format!("{} pod {WORKLOAD_POD}: {}", now.strftime("%H:%M:%S"), line.trim()),
     }
 }

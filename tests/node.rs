@@ -11,8 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -22,7 +20,7 @@ use serde_json::{Value, json};
 use support::cluster::NODE_CONTROLLERS;
 use support::k8s;
 use support::keycloak::REALM;
-use support::node::{self, Images, NODES, Node, Scheduler};
+use support::node::{self, Images, NODES, Node, Scheduler, workload_pod};
 use support::process::wait_for;
 use support::{Env, Result, phase, repo};
 
@@ -109,42 +107,32 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
-/// The `iat` and `exp` claims of a token.
+/// The `iat` and `exp` claims of a token, read with the operator's own decoder.
 fn token_times(token: &str) -> Result<(i64, i64)> {
-    let payload = token.split('.').nth(1).ok_or("the token is not a JWT")?;
-    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload)?)?;
-    let get = |c: &str| claims[c].as_i64().ok_or_else(|| format!("no {c} claim"));
-    Ok((get("iat")?, get("exp")?))
+    let claims = registry_access_operator::jwt::decode_claims(token)?;
+    Ok((claims.iat.ok_or("no iat claim")?, claims.exp.ok_or("no exp claim")?))
 }
 
 /// A Keycloak client with the given token lifespan, its secret in an opted-in Secret `creds`, and
-/// a RegistryAccess `name` for it in `ns`. Returns the client id.
-async fn registry_access(env: &Env, ns: &str, name: &str, lifespan: u32, renew_before: &str) -> Result<String> {
+/// a RegistryAccess `name` for it in `ns` (with `renew_before`, or the default), Ready. Returns
+/// the client id.
+async fn registry_access(env: &Env, ns: &str, name: &str, lifespan: u32, renew_before: Option<&str>) -> Result<String> {
     let client = env.cluster.client().await?;
     k8s::create_namespace(&client, ns).await?;
     let client_id = format!("{ns}-{name}");
     let info = env.keycloak.create_client(REALM, &client_id, Some(lifespan), true).await?;
     k8s::put_client_secret(&client, ns, "creds", &[("client_secret", &info.secret)]).await?;
-    let spec = json!({
+    let mut spec = json!({
         "server": env.keycloak.base_url,
         "realm": REALM,
         "clientId": client_id,
         "clientSecretRef": {"name": "creds"},
-        "renewBefore": renew_before,
     });
+    if let Some(renew_before) = renew_before {
+        spec["renewBefore"] = renew_before.into();
+    }
     k8s::apply_ra(&client, ns, name, spec).await?;
-    wait_for(&format!("{ns}/{name} Ready"), Duration::from_secs(60), || {
-        let client = client.clone();
-        async move {
-            k8s::ra_status(&client, ns, name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|s| k8s::condition(&s, "Ready"))
-                .is_some_and(|(status, _, _)| status == "True")
-        }
-    })
-    .await?;
+    k8s::wait_condition(&client, ns, name, "Ready", "True", "TokenValid", Duration::from_secs(60)).await?;
     Ok(client_id)
 }
 
@@ -303,7 +291,7 @@ async fn the_operator_runs_as_pods_and_survives_restarts(env: Arc<NodeEnv>) -> R
 
     // 60 s tokens renewed 40 s ahead: room for a lost Lease (15 s) and a restart.
     let ns = "team-restarts";
-    let client_id = registry_access(e, ns, "svc", 60, "40s").await?;
+    let client_id = registry_access(e, ns, "svc", 60, Some("40s")).await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
     let first = wait_new_token(&seen, 0, "at the start", Duration::from_secs(10)).await?;
@@ -389,42 +377,6 @@ async fn readings(pods: &Api<Pod>, name: &str) -> Result<Vec<Reading>> {
     Ok(out)
 }
 
-/// A workload pod `workload-<suffix>` on `node` reading the token `how`: "volume", "subpath" or
-/// "env".
-fn workload_pod(image: &str, how: &str, secret: &str, suffix: &str, node: &str) -> Result<Pod> {
-    let mut container = json!({
-        "name": "workload",
-        "image": image,
-        "imagePullPolicy": "Never",
-        "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false, "runAsNonRoot": true},
-    });
-    match how {
-        "volume" => {
-            container["volumeMounts"] =
-                json!([{"name": "token", "mountPath": "/var/run/registry-access", "readOnly": true}])
-        }
-        "subpath" => {
-            container["volumeMounts"] = json!([{
-                "name": "token", "mountPath": "/var/run/registry-access/access_token", "subPath": "access_token", "readOnly": true,
-            }])
-        }
-        _ => {
-            container["args"] = json!(["--env", "ACCESS_TOKEN"]);
-            container["env"] = json!([{"name": "ACCESS_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "access_token"}}}]);
-        }
-    }
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": format!("workload-{suffix}")},
-        "spec": {
-            "nodeName": node,
-            "hostNetwork": true,
-            "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
-            "containers": [container],
-            "volumes": [{"name": "token", "secret": {"secretName": secret}}],
-        },
-    }))?)
-}
-
 /// Pods that mount the token Secret as a volume read a new token within the kubelet's sync
 /// period and never an expired one, over at least three renewals; the delivery delay (Secret
 /// write to the file's change) is measured. A `subPath` mount and an environment variable never
@@ -434,13 +386,16 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
     let ns = "team-workload";
     // 180 s tokens renewed 130 s ahead: a renewal every 50 s; 130 s covers the kubelet's worst
     // case (1.5 x its 1 min sync period) plus a Keycloak failure or a leader change.
-    let client_id = registry_access(e, ns, "svc", 180, "130s").await?;
+    let client_id = registry_access(e, ns, "svc", 180, Some("130s")).await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
     let pods: Api<Pod> = Api::namespaced(e.cluster.client().await?, ns);
     for how in ["volume", "subpath", "env"] {
-        pods.create(&PostParams::default(), &workload_pod(&env.images.workload, how, "svc-token", how, "node-0")?)
-            .await?;
+        pods.create(
+            &PostParams::default(),
+            &workload_pod(&env.images.workload, how, "svc-token", &format!("workload-{how}"), "node-0")?,
+        )
+        .await?;
     }
     let t = Instant::now();
     let first_exp = loop {
@@ -536,21 +491,21 @@ async fn pod_freshness(env: Arc<NodeEnv>) -> Result<()> {
     let (pod_count, renewals) = (number("RAO_POD_FRESHNESS_PODS", 10), number("RAO_POD_FRESHNESS_RENEWALS", 5));
     let e = &env.env;
     let ns = "team-freshness";
+    let client_id = registry_access(e, ns, "svc", 300, None).await?;
     let client = e.cluster.client().await?;
-    k8s::create_namespace(&client, ns).await?;
-    let client_id = format!("{ns}-svc");
-    let info = e.keycloak.create_client(REALM, &client_id, Some(300), true).await?;
-    k8s::put_client_secret(&client, ns, "creds", &[("client_secret", &info.secret)]).await?;
-    let spec = json!({"server": e.keycloak.base_url, "realm": REALM, "clientId": client_id, "clientSecretRef": {"name": "creds"}});
-    k8s::apply_ra(&client, ns, "svc", spec).await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
     wait_new_token(&seen, 0, "for the first token", Duration::from_secs(60)).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let names: Vec<String> = (0..pod_count).map(|i| format!("workload-{i}")).collect();
     for (i, _) in names.iter().enumerate() {
-        let pod =
-            workload_pod(&env.images.workload, "volume", "svc-token", &i.to_string(), &format!("node-{}", i % NODES))?;
+        let pod = workload_pod(
+            &env.images.workload,
+            "volume",
+            "svc-token",
+            &format!("workload-{i}"),
+            &format!("node-{}", i % NODES),
+        )?;
         pods.create(&PostParams::default(), &pod).await?;
     }
     let t = Instant::now();

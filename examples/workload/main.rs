@@ -11,9 +11,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
 /// Where the token comes from.
 enum Source {
     File(String),
@@ -29,15 +26,11 @@ impl Source {
     }
 }
 
-/// The `iat` and `exp` claims of a JWT, or why they could not be read.
+/// The `iat` and `exp` claims of a JWT, read with the operator's own decoder, or why they could
+/// not be read (never the token).
 fn times(token: &str) -> Result<(i64, i64), String> {
-    let payload = token.trim().split('.').nth(1).ok_or("the token is not a JWT (no payload part)")?;
-    let bytes =
-        URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).map_err(|_| "the JWT payload is not base64url")?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| "the JWT payload is not JSON")?;
-    let claim =
-        |name: &str| claims.get(name).and_then(serde_json::Value::as_i64).ok_or(format!("the JWT has no {name}"));
-    Ok((claim("iat")?, claim("exp")?))
+    let claims = registry_access_operator::jwt::decode_claims(token.trim()).map_err(|e| e.to_string())?;
+    Ok((claims.iat.ok_or("the JWT has no iat")?, claims.exp.ok_or("the JWT has no exp")?))
 }
 
 fn now_ms() -> i64 {

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node as NodeObject;
+use k8s_openapi::api::core::v1::{Node as NodeObject, Pod};
 use kube::Api;
+use serde_json::json;
 
 use super::cluster::{Cluster, kubeconfig_with_cert};
 use super::process::{Proc, free_port, tail, wait_for};
@@ -523,4 +524,42 @@ impl Drop for Node {
         self.kubelet.stop();
         self.containerd.stop();
     }
+}
+
+/// A pod `name` on `node` running examples/workload, which reads the token of Secret `secret`
+/// `how`: "volume" (the Secret mounted as a volume), "subpath" (its `access_token` key mounted
+/// with `subPath`) or "env" (an environment variable from the key). On the host network, as uid
+/// 65532 with a read-only root file system.
+pub fn workload_pod(image: &str, how: &str, secret: &str, name: &str, node: &str) -> Result<Pod> {
+    let mut container = json!({
+        "name": "workload",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false, "runAsNonRoot": true},
+    });
+    match how {
+        "volume" => {
+            container["volumeMounts"] =
+                json!([{"name": "token", "mountPath": "/var/run/registry-access", "readOnly": true}])
+        }
+        "subpath" => {
+            container["volumeMounts"] = json!([{
+                "name": "token", "mountPath": "/var/run/registry-access/access_token", "subPath": "access_token", "readOnly": true,
+            }])
+        }
+        _ => {
+            container["args"] = json!(["--env", "ACCESS_TOKEN"]);
+            container["env"] = json!([{"name": "ACCESS_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "access_token"}}}]);
+        }
+    }
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": true,
+            "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
+            "containers": [container],
+            "volumes": [{"name": "token", "secret": {"secretName": secret}}],
+        },
+    }))?)
 }

@@ -85,8 +85,8 @@ enum Command {
 enum PluginError {
     #[error("cannot load the kubeconfig: {0}")]
     Config(String),
-    #[error("you may not {verb} {resource} in {scope}: {command} needs {verb} on {resource}")]
-    Forbidden { verb: &'static str, resource: &'static str, scope: String, command: &'static str },
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{kind} {namespace}/{name} does not exist")]
     NotFound { kind: &'static str, namespace: String, name: String },
     #[error("{0}")]
@@ -106,13 +106,24 @@ struct Access {
 }
 
 impl Access {
+    fn scope(&self) -> String {
+        self.namespace.as_ref().map_or_else(|| "all namespaces".to_owned(), |ns| format!("namespace {ns}"))
+    }
+
+    /// What a denial of this request means, e.g. "you may not read Secrets in namespace X:
+    /// inspect needs get on secrets".
+    fn denied(&self) -> String {
+        let what = match (self.verb, self.resource) {
+            ("get", "secrets") => "read Secrets".to_owned(),
+            (verb, resource) => format!("{verb} {resource}"),
+        };
+        format!("you may not {what} in {}: {} needs {} on {}", self.scope(), self.command, self.verb, self.resource)
+    }
+
     fn fail(&self, e: kube::Error) -> PluginError {
-        let scope = self.namespace.as_ref().map_or_else(|| "all namespaces".to_owned(), |ns| format!("namespace {ns}"));
         match &e {
-            kube::Error::Api(s) if s.code == 403 => {
-                PluginError::Forbidden { verb: self.verb, resource: self.resource, scope, command: self.command }
-            }
-            _ => PluginError::Api { what: format!("{} ({scope})", self.resource), source: e },
+            kube::Error::Api(s) if s.code == 403 => PluginError::Forbidden(self.denied()),
+            _ => PluginError::Api { what: format!("{} ({})", self.resource, self.scope()), source: e },
         }
     }
 }
@@ -246,9 +257,17 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
             let secret_name =
                 ra.status.as_ref().and_then(|s| s.secret_name.clone()).unwrap_or_else(|| ra.token_secret_name());
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-            let secret =
-                secrets.get_opt(&secret_name).await.map_err(|e| inspect_denied(e, &namespace))?.ok_or_else(|| {
-                    PluginError::NotFound { kind: "Secret", namespace: namespace.clone(), name: secret_name.clone() }
+            let secret = secrets
+                .get_opt(&secret_name)
+                .await
+                .map_err(|e| {
+                    Access { verb: "get", resource: "secrets", namespace: Some(namespace.clone()), command: "inspect" }
+                        .fail(e)
+                })?
+                .ok_or_else(|| PluginError::NotFound {
+                    kind: "Secret",
+                    namespace: namespace.clone(),
+                    name: secret_name.clone(),
                 })?;
             let token = secret
                 .data
@@ -274,17 +293,6 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
         Command::Completion { .. } => {}
     }
     Ok(())
-}
-
-/// `inspect`'s Secret read failed: a denial says exactly which right is missing.
-fn inspect_denied(e: kube::Error, namespace: &str) -> PluginError {
-    match &e {
-        kube::Error::Api(s) if s.code == 403 => PluginError::Other(format!(
-            "you may not read Secrets in namespace {namespace}: inspect needs get on secrets"
-        )),
-        _ => Access { verb: "get", resource: "secrets", namespace: Some(namespace.to_owned()), command: "inspect" }
-            .fail(e),
-    }
 }
 
 /// A Secret with its values dropped (only the key names are shown).
@@ -435,7 +443,7 @@ async fn check(client: &Client) -> Result<view::Health, PluginError> {
         // The rest of the picture is still worth showing.
         Err(kube::Error::Api(e)) if e.code == 403 => {
             health.lease_note =
-                Some("you may not list leases in all namespaces: the Lease holder needs list on leases".into());
+                Some(Access { verb: "list", resource: "leases", namespace: None, command: "check" }.denied());
             Vec::new()
         }
         Err(e) => return Err(Access { verb: "list", resource: "leases", namespace: None, command: "check" }.fail(e)),
