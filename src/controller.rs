@@ -17,8 +17,8 @@ use tracing::{debug, info};
 
 use crate::api::{CredentialSource, Guarded, RegistryAccess};
 use crate::digest_key::{DigestKey, KeyError};
-use crate::index::{Key, Role, SecretMeta};
-use crate::issuer::Issuer;
+use crate::index::{Index, Key, Role, SecretMeta, Watched};
+use crate::issuer::{Issuer, Shared};
 use crate::leader::{self, LeaderConfig, LeaderError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -104,7 +104,15 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         "controller starting"
     );
     let states = Arc::new(States::default());
-    let (issuer, finished) = Issuer::new(config.limits, tokens, config.metrics.clone(), states.clone());
+    let index = Arc::new(Index::default());
+    let shared = Shared {
+        tokens,
+        metrics: config.metrics.clone(),
+        states: states.clone(),
+        index: index.clone(),
+        policy: config.policy.clone(),
+    };
+    let (issuer, finished) = Issuer::new(config.limits, shared);
     let settings = Settings {
         api_timeout: config.api_timeout,
         policy: config.policy.clone(),
@@ -113,7 +121,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         failed_attempt: config.token_client.request_timeout + crate::schedule::INITIAL_BACKOFF,
         instance: config.instance.clone(),
     };
-    let ctx = Arc::new(Context::new(client.clone(), config.metrics.clone(), states, issuer.clone(), settings));
+    let ctx = Arc::new(Context::new(client.clone(), config.metrics.clone(), (states, index), issuer.clone(), settings));
     let dispatcher = tokio::spawn(issuer.run());
 
     // RegistryAccess: one watch per scope, merged into one store.
@@ -141,11 +149,12 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
     let (index_ctx, counted) = (ctx.clone(), store.clone());
     let objects = scopes::merge(watches, store.clone())
         .reflect(writer)
-        .inspect(move |event| {
-            if let Ok(event) = event {
+        .inspect(move |event| match event {
+            Ok(event) => {
                 follow_object(&index_ctx, event);
                 index_ctx.metrics.set_objects(counted.len());
             }
+            Err(e) => index_ctx.watch_failed("registryaccesses", e),
         })
         .applied_objects()
         // Spec and annotation changes only: the operator's own status writes do not come back.
@@ -243,6 +252,7 @@ fn follow_object(ctx: &Context, event: &Event<Guarded>) {
     match event {
         Event::Apply(obj) | Event::InitApply(obj) => {
             let key = key_of(obj);
+            ctx.set_live(key.clone(), obj.meta().uid.as_deref().unwrap_or_default());
             match &obj.0 {
                 Ok(ra) => ctx.index.set_object(key, obj.meta().uid.as_deref().unwrap_or_default(), &secrets_of(ra)),
                 Err(_) => ctx.index.remove_object(&key),
@@ -271,7 +281,14 @@ fn service_account_triggers(
     scope: &Scope,
     event: Result<Event<PartialObjectMeta<ServiceAccount>>, watcher::Error>,
 ) -> Vec<ObjectRef<Guarded>> {
-    let Ok(event) = event else { return Vec::new() };
+    let event = match event {
+        Ok(event) => event,
+        Err(e) => {
+            ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), false);
+            ctx.watch_failed("serviceaccounts", &e);
+            return Vec::new();
+        }
+    };
     let changed: Vec<Key> = match event {
         Event::Init => {
             ctx.index.service_accounts_relist_begin(scope.clone());
@@ -287,7 +304,10 @@ fn service_account_triggers(
             ctx.index.service_account_deleted(&key);
             vec![key]
         }
-        Event::InitDone => ctx.index.service_accounts_relist_end(scope),
+        Event::InitDone => {
+            ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), true);
+            ctx.index.service_accounts_relist_end(scope)
+        }
     };
     changed
         .iter()
@@ -304,7 +324,14 @@ fn secret_triggers(
     scope: &Scope,
     event: Result<Event<PartialObjectMeta<Secret>>, watcher::Error>,
 ) -> Vec<ObjectRef<Guarded>> {
-    let Ok(event) = event else { return Vec::new() };
+    let event = match event {
+        Ok(event) => event,
+        Err(e) => {
+            ctx.index.set_synced(Watched::Secrets, scope.clone(), false);
+            ctx.watch_failed("secrets", &e);
+            return Vec::new();
+        }
+    };
     let (changed, version): (Vec<Key>, Option<String>) = match event {
         Event::Init => {
             ctx.index.relist_begin(scope.clone());
@@ -325,7 +352,10 @@ fn secret_triggers(
             ctx.index.secret_deleted(&key);
             (vec![key], None)
         }
-        Event::InitDone => (ctx.index.relist_end(scope), None),
+        Event::InitDone => {
+            ctx.index.set_synced(Watched::Secrets, scope.clone(), true);
+            (ctx.index.relist_end(scope), None)
+        }
     };
     changed
         .iter()

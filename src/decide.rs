@@ -166,9 +166,27 @@ pub fn after_attempt(i: &Inputs<'_>, outcome: Result<&TokenFacts, &Problem>, jit
             let attempts = failure.map(|f| f.attempts).unwrap_or(0).saturating_add(1);
             let expires_at = previous.map(|t| t.expires_at);
             let mut retry_at = schedule::retry_at(now, attempts, problem.transient, expires_at, jitter);
-            // A server that says when to come back is believed, even past the token's expiry.
+            let (mut reason, mut message) = (problem.reason, problem.message.clone());
+            // A server that says when to come back is believed, but never so far that the token
+            // held would expire without one more attempt (one failed attempt before expiry): a
+            // gateway that limits one client must not let its token lapse silently.
             if let Some(wait) = problem.retry_after.and_then(|d| SignedDuration::try_from(d).ok()) {
-                retry_at = retry_at.max(now + wait);
+                let asked = now + wait;
+                let latest = expires_at.filter(|e| *e > now).map(|e| e - signed(renew_before.failed_attempt));
+                match latest {
+                    Some(latest) if asked > latest => {
+                        retry_at = retry_at.max(latest);
+                        reason = crate::failure::reason::RATE_LIMITED_PAST_EXPIRY;
+                        message = format!(
+                            "{message}; waiting that long would let the token in the Secret expire at {} without \
+                             a successor, so the operator asks again at {}: ask the Keycloak administrators to \
+                             raise this client's limit",
+                            crate::secret::rfc3339(expires_at.unwrap_or(now)),
+                            crate::secret::rfc3339(retry_at),
+                        );
+                    }
+                    _ => retry_at = retry_at.max(asked),
+                }
             }
             let next = match expires_at {
                 Some(e) if e > now => retry_at.min(e),
@@ -181,13 +199,17 @@ pub fn after_attempt(i: &Inputs<'_>, outcome: Result<&TokenFacts, &Problem>, jit
                     at: now,
                     retry_at,
                     inputs: inputs.map(str::to_owned),
-                    reason: problem.reason,
-                    message: problem.message.clone(),
+                    reason,
+                    message,
                 }),
                 next,
             }
         }
     }
+}
+
+fn signed(d: std::time::Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)
 }
 
 #[cfg(test)]
@@ -351,6 +373,31 @@ mod tests {
         };
         let a = after_attempt(&i, Err(&p), 0.0);
         assert_eq!(a.failure.unwrap().retry_at, at(45));
+    }
+
+    #[test]
+    fn a_retry_after_that_would_let_the_token_lapse_is_not_obeyed_and_says_so() {
+        let mut p = Problem::transient(reason::RATE_LIMITED, "Keycloak is rate limiting");
+        p.retry_after = Some(Duration::from_secs(150));
+        let obs = held(0, 300, "in");
+        let i = Inputs {
+            now: at(170),
+            observed: &obs,
+            inputs: Some("in"),
+            renew_before: RenewBefore::default(),
+            failure: None,
+            jitter_seed: "uid",
+        };
+        let a = after_attempt(&i, Err(&p), 0.0);
+        let f = a.failure.unwrap();
+        // The token expires at 300; one failed attempt takes 17 s: asked again at 283, not 320.
+        assert_eq!(f.retry_at, at(300) - signed(RenewBefore::default().failed_attempt));
+        assert_eq!(f.reason, reason::RATE_LIMITED_PAST_EXPIRY);
+        assert!(f.message.contains("without a successor"), "{}", f.message);
+        // A wait that leaves time is obeyed as asked.
+        p.retry_after = Some(Duration::from_secs(60));
+        let f = after_attempt(&i, Err(&p), 0.0).failure.unwrap();
+        assert_eq!((f.retry_at, f.reason), (at(230), reason::RATE_LIMITED));
     }
 
     #[test]

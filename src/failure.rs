@@ -33,6 +33,8 @@ pub mod reason {
     pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
     pub const KEYCLOAK_UNAVAILABLE: &str = "KeycloakUnavailable";
     pub const RATE_LIMITED: &str = "RateLimited";
+    /// Rate limited with a `Retry-After` past the held token's expiry: not obeyed that long.
+    pub const RATE_LIMITED_PAST_EXPIRY: &str = "RateLimitedPastExpiry";
     pub const TLS_ERROR: &str = "TLSError";
     pub const UNEXPECTED_REDIRECT: &str = "UnexpectedRedirect";
     pub const INVALID_TOKEN_RESPONSE: &str = "InvalidTokenResponse";

@@ -41,13 +41,29 @@ pub struct Referrer {
     pub role: Role,
 }
 
-/// What the watch says of a ServiceAccount.
+/// What the watch says of a ServiceAccount that some object names (others are not kept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceAccountMeta {
     pub uid: String,
+    pub resource_version: String,
     /// The Keycloak issuers its annotation lets the operator present its tokens to; `None`
-    /// without the annotation.
+    /// without the annotation. At most [`MAX_ISSUERS`] entries are kept.
     pub issuers: Option<Vec<String>>,
+    /// The annotation is longer than [`MAX_ISSUERS_ANNOTATION`] and was not read.
+    pub annotation_too_long: bool,
+}
+
+/// Longest `registry-access.io/keycloak-issuers` annotation read, in bytes: a few dozen issuer
+/// URLs. A longer one is not parsed (the ServiceAccount is treated as not opted in, and says why).
+pub const MAX_ISSUERS_ANNOTATION: usize = 8 * 1024;
+/// Most issuers kept from one annotation.
+pub const MAX_ISSUERS: usize = 32;
+
+/// Which watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Watched {
+    Secrets,
+    ServiceAccounts,
 }
 
 /// What the watch says of a Secret.
@@ -74,6 +90,9 @@ struct Inner {
     service_accounts: HashMap<Key, ServiceAccountMeta>,
     /// ServiceAccounts seen so far in a re-list, per watched scope.
     relisting_service_accounts: HashMap<Option<String>, HashSet<Key>>,
+    /// Watches (per scope) whose last listing completed with no error since: what they show
+    /// can be trusted in place of a read.
+    synced: HashSet<(Watched, Option<String>)>,
 }
 
 /// Both indexes.
@@ -230,7 +249,8 @@ impl Index {
         self.read().service_accounts.get(key).cloned()
     }
 
-    /// Records a ServiceAccount the watch saw; true when it is new or changed.
+    /// Records a ServiceAccount the watch saw, if some object names it (nothing is kept of the
+    /// others); true when it is new or changed.
     pub fn service_account_applied(&self, key: Key, meta: ServiceAccountMeta) -> bool {
         let mut inner = self.write();
         for (scope, seen) in inner.relisting_service_accounts.iter_mut() {
@@ -238,7 +258,53 @@ impl Index {
                 seen.insert(key.clone());
             }
         }
+        if !Self::names_service_account(&inner, &key) {
+            return inner.service_accounts.remove(&key).is_some();
+        }
         inner.service_accounts.insert(key, meta.clone()) != Some(meta)
+    }
+
+    /// Records a ServiceAccount read from the API (the watch had not shown it while no object
+    /// named it), if some object names it.
+    pub fn service_account_read(&self, key: Key, meta: ServiceAccountMeta) {
+        let mut inner = self.write();
+        if Self::names_service_account(&inner, &key) {
+            inner.service_accounts.insert(key, meta);
+        }
+    }
+
+    fn names_service_account(inner: &Inner, key: &Key) -> bool {
+        inner.by_secret.get(key).is_some_and(|refs| refs.iter().any(|r| r.role == Role::ServiceAccount))
+    }
+
+    /// ServiceAccounts kept.
+    pub fn service_accounts(&self) -> usize {
+        self.read().service_accounts.len()
+    }
+
+    /// A watch of `scope` finished a listing (`true`) or failed (`false`).
+    pub fn set_synced(&self, watched: Watched, scope: Option<String>, synced: bool) {
+        let mut inner = self.write();
+        if synced {
+            inner.synced.insert((watched, scope));
+        } else {
+            inner.synced.remove(&(watched, scope));
+        }
+    }
+
+    fn synced(&self, watched: Watched, namespace: &str) -> bool {
+        let inner = self.read();
+        inner.synced.contains(&(watched, None)) || inner.synced.contains(&(watched, Some(namespace.to_owned())))
+    }
+
+    /// True while the Secret watch of `namespace` is in sync: its index can stand for a read.
+    pub fn secrets_synced(&self, namespace: &str) -> bool {
+        self.synced(Watched::Secrets, namespace)
+    }
+
+    /// True while the ServiceAccount watch of `namespace` is in sync.
+    pub fn service_accounts_synced(&self, namespace: &str) -> bool {
+        self.synced(Watched::ServiceAccounts, namespace)
     }
 
     /// Forgets a deleted ServiceAccount; true when it was known.
@@ -297,13 +363,59 @@ mod tests {
     fn service_accounts_are_followed_and_pruned_on_relist() {
         let ix = Index::default();
         let k = Key::new("ns", "builder");
-        let meta = |uid: &str| ServiceAccountMeta { uid: uid.into(), issuers: None };
+        let meta = |uid: &str| ServiceAccountMeta {
+            uid: uid.into(),
+            resource_version: "1".into(),
+            issuers: None,
+            annotation_too_long: false,
+        };
+        assert!(!ix.service_account_applied(k.clone(), meta("1")), "kept only while an object names it");
+        assert_eq!(ix.service_accounts(), 0);
+        ix.set_object(Key::new("ns", "ra"), "uid-ra", &[("builder".into(), Role::ServiceAccount)]);
         assert!(ix.service_account_applied(k.clone(), meta("1")));
         assert!(!ix.service_account_applied(k.clone(), meta("1")));
         assert!(ix.service_account_applied(k.clone(), meta("2")), "recreated");
         ix.service_accounts_relist_begin(None);
         assert_eq!(ix.service_accounts_relist_end(&None), vec![k.clone()]);
         assert!(ix.service_account(&k).is_none());
+    }
+
+    #[test]
+    fn unnamed_service_accounts_cost_nothing() {
+        let ix = Index::default();
+        let huge = Some(vec!["x".repeat(100); MAX_ISSUERS]);
+        for i in 0..1000 {
+            let meta = ServiceAccountMeta {
+                uid: format!("u{i}"),
+                resource_version: "1".into(),
+                issuers: huge.clone(),
+                annotation_too_long: false,
+            };
+            ix.service_account_applied(Key::new("hostile", &format!("sa-{i}")), meta);
+        }
+        assert_eq!(ix.service_accounts(), 0);
+        ix.service_account_read(
+            Key::new("hostile", "sa-1"),
+            ServiceAccountMeta {
+                uid: "u".into(),
+                resource_version: "1".into(),
+                issuers: None,
+                annotation_too_long: false,
+            },
+        );
+        assert_eq!(ix.service_accounts(), 0, "a read is kept only for a named ServiceAccount");
+    }
+
+    #[test]
+    fn a_watch_is_trusted_only_between_a_listing_and_its_next_error() {
+        let ix = Index::default();
+        assert!(!ix.secrets_synced("ns"));
+        ix.set_synced(Watched::Secrets, Some("ns".into()), true);
+        assert!(ix.secrets_synced("ns") && !ix.secrets_synced("other") && !ix.service_accounts_synced("ns"));
+        ix.set_synced(Watched::Secrets, Some("ns".into()), false);
+        assert!(!ix.secrets_synced("ns"));
+        ix.set_synced(Watched::ServiceAccounts, None, true);
+        assert!(ix.service_accounts_synced("any"));
     }
 
     #[test]

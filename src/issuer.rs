@@ -2,6 +2,12 @@
 //! dispatcher takes requests from the [`Queue`] as pace and caps allow, each runs in a task of its
 //! own, and its outcome is kept for the object, whose reconcile is then triggered to write it.
 //! So waiting for Keycloak (its pace, its caps, its answer) never holds up any other object.
+//!
+//! Right before a request leaves, the consent it was made under is checked again: the operator's
+//! allow-list, and the credential (client Secret, key Secret or ServiceAccount) still at the
+//! version that was read when the request was queued. A request whose credential changed since
+//! (its opt-in label removed, its allowed servers narrowed, its annotation withdrawn) is dropped
+//! unsent and its object reconciled again from what the credential says now.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,13 +17,15 @@ use jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use reqwest::Url;
 use tokio::sync::{Notify, mpsc};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::api::Guarded;
 use crate::assertion::Credential;
 use crate::failure::{Problem, reason, reason_for};
+use crate::index::{Index, Key};
 use crate::metrics::Metrics;
-use crate::queue::{Dispatch, Next, Queue, QueueConfig};
+use crate::policy::Policy;
+use crate::queue::{Dispatch, Next, Queue, QueueConfig, Ticket};
 use crate::state::{Completed, States};
 use crate::token::{TokenClient, TokenError, TokenRequest};
 
@@ -35,7 +43,8 @@ pub struct OwnedRequest {
     pub client_id: String,
     pub credential: Credential,
     pub scopes: Vec<String>,
-    pub ca_bundle: Option<String>,
+    /// Shared by every request of the objects that name the same bundle.
+    pub ca_bundle: Option<Arc<str>>,
 }
 
 impl OwnedRequest {
@@ -53,6 +62,61 @@ impl OwnedRequest {
     pub fn server(&self) -> String {
         self.token_url.origin().ascii_serialization()
     }
+
+    /// The client on that server, which a `Retry-After` pauses: token URL and client id.
+    pub fn client(&self) -> String {
+        format!("{} {}", self.token_url, self.client_id)
+    }
+}
+
+/// Which credential a request was made with, and the version of it that allowed the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consent {
+    /// A client Secret or private key Secret at this resourceVersion.
+    Secret { key: Key, resource_version: String },
+    /// A ServiceAccount at this resourceVersion.
+    ServiceAccount { key: Key, resource_version: String },
+}
+
+/// Why a queued request was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawn {
+    /// The server is no longer among those the operator allows.
+    ServerNotAllowed,
+    /// The credential changed (or went) since the request was queued.
+    CredentialChanged,
+}
+
+impl Withdrawn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ServerNotAllowed => "server_not_allowed",
+            Self::CredentialChanged => "credential_changed",
+        }
+    }
+}
+
+/// Whether the consent a request was queued under still holds, from what the watches show now.
+/// A credential the watch does not know (yet) stands as read while its watch is not in sync.
+pub fn consent_holds(index: &Index, policy: &Policy, server: &str, consent: &Consent) -> Result<(), Withdrawn> {
+    if policy.refusal(server).is_some() {
+        return Err(Withdrawn::ServerNotAllowed);
+    }
+    let (now, synced, wanted) = match consent {
+        Consent::Secret { key, resource_version } => {
+            (index.secret(key).map(|m| m.resource_version), index.secrets_synced(&key.namespace), resource_version)
+        }
+        Consent::ServiceAccount { key, resource_version } => (
+            index.service_account(key).map(|m| m.resource_version),
+            index.service_accounts_synced(&key.namespace),
+            resource_version,
+        ),
+    };
+    match now {
+        Some(rv) if rv == *wanted => Ok(()),
+        None if !synced => Ok(()),
+        _ => Err(Withdrawn::CredentialChanged),
+    }
 }
 
 /// A queued request on behalf of one object.
@@ -63,6 +127,11 @@ pub struct Job {
     pub request: OwnedRequest,
     /// When the request was meant to go; its lag counts from here.
     pub due_at: Timestamp,
+    /// The latest start that still saves the token the object holds: a `Retry-After` pause of
+    /// its client does not hold it longer.
+    pub deadline: Option<Instant>,
+    /// What allowed the request, checked again right before it is sent.
+    pub consent: Consent,
 }
 
 /// The queue and the dispatcher.
@@ -73,19 +142,27 @@ pub struct Issuer {
     tokens: TokenClient,
     metrics: Arc<Metrics>,
     states: Arc<States>,
+    index: Arc<Index>,
+    policy: Policy,
     done: mpsc::UnboundedSender<ObjectRef<Guarded>>,
     warned: Mutex<HashMap<String, Instant>>,
 }
 
+/// What an [`Issuer`] works with besides its queue.
+pub struct Shared {
+    pub tokens: TokenClient,
+    pub metrics: Arc<Metrics>,
+    pub states: Arc<States>,
+    /// What the watches show of credentials, for the consent check.
+    pub index: Arc<Index>,
+    pub policy: Policy,
+}
+
 impl Issuer {
     /// The issuer, and the stream of objects whose request has finished.
-    pub fn new(
-        config: QueueConfig,
-        tokens: TokenClient,
-        metrics: Arc<Metrics>,
-        states: Arc<States>,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<ObjectRef<Guarded>>) {
+    pub fn new(config: QueueConfig, shared: Shared) -> (Arc<Self>, mpsc::UnboundedReceiver<ObjectRef<Guarded>>) {
         let (done, finished) = mpsc::unbounded_channel();
+        let Shared { tokens, metrics, states, index, policy } = shared;
         let issuer = Self {
             queue: Mutex::new(Queue::new(config)),
             config,
@@ -93,6 +170,8 @@ impl Issuer {
             tokens,
             metrics,
             states,
+            index,
+            policy,
             done,
             warned: Mutex::new(HashMap::new()),
         };
@@ -107,11 +186,16 @@ impl Issuer {
     /// replaced.
     pub fn submit(&self, namespace: &str, job: Job) {
         self.states.set_pending(&job.uid, &job.inputs);
-        let server = job.request.server();
-        let uid = job.uid.clone();
+        let ticket = Ticket {
+            server: job.request.server(),
+            client: job.request.client(),
+            namespace: namespace.to_owned(),
+            key: job.uid.clone(),
+            deadline: job.deadline,
+        };
         let queued = {
             let mut q = self.queue();
-            q.push(&server, namespace, &uid, job, Instant::now());
+            q.push(ticket, job);
             q.len()
         };
         self.metrics.set_queued(queued);
@@ -144,7 +228,22 @@ impl Issuer {
     }
 
     async fn send(&self, dispatch: Dispatch<Job>) {
-        let Dispatch { server, job, .. } = dispatch;
+        let Dispatch { ticket, job } = dispatch;
+        let server = ticket.server.clone();
+        if let Err(why) = consent_holds(&self.index, &self.policy, job.request.token_url.as_str(), &job.consent) {
+            self.queue().done(&ticket);
+            self.wake.notify_one();
+            self.metrics.request_withdrawn(why.as_str());
+            info!(
+                namespace = %ticket.namespace,
+                name = %job.object.name,
+                why = why.as_str(),
+                "token request dropped unsent: what allowed it changed while it waited; reconciling again"
+            );
+            self.states.abandon(&job.uid, &job.inputs);
+            let _ = self.done.send(job.object);
+            return;
+        }
         self.metrics.set_queued(self.queue().len());
         let lag = Duration::try_from(Timestamp::now().duration_since(job.due_at)).unwrap_or(Duration::ZERO);
         self.metrics.renewal_lag(lag);
@@ -156,7 +255,7 @@ impl Issuer {
         if let Credential::ServiceAccountToken(_, minted) = &job.request.credential
             && minted.elapsed() >= SERVICE_ACCOUNT_TOKEN_MAX_AGE
         {
-            self.queue().done(&server);
+            self.queue().done(&ticket);
             self.wake.notify_one();
             let problem = Problem::transient(
                 reason::QUEUED_TOO_LONG,
@@ -174,12 +273,13 @@ impl Issuer {
         timer.finish(result.as_ref().err().map(reason_for));
         {
             let mut q = self.queue();
-            q.done(&server);
-            // A server that rate limits gets no request from anyone until it says so.
+            q.done(&ticket);
+            // A client that is rate limited gets no request until the server says so (each
+            // request at most until its own deadline); other clients of the server go on.
             if let Err(e @ TokenError::RateLimited { .. }) = &result
                 && let Some(wait) = e.retry_after()
             {
-                q.pause(&server, Instant::now() + wait);
+                q.pause(&ticket.client, Instant::now() + wait);
             }
         }
         self.wake.notify_one();
@@ -198,7 +298,7 @@ impl Issuer {
         }
         warned.retain(|_, t| now.duration_since(*t) < LAG_WARNING_EVERY);
         warned.insert(server.to_owned(), now);
-        let queued = self.queue().len_for(server);
+        let queued = self.queue().len();
         warn!(
             server,
             lag_secs = lag.as_secs(),
@@ -207,5 +307,81 @@ impl Issuer {
             "token requests start late: demand on this Keycloak server is near the pace; raise \
              --max-requests-per-second-per-server (sizing: objects x 1.5 / token lifetime in seconds)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Role, SecretMeta, ServiceAccountMeta, Watched};
+
+    const URL: &str = "https://kc.example.com/auth/realms/r/protocol/openid-connect/token";
+
+    fn secret(rv: &str) -> SecretMeta {
+        SecretMeta { uid: "u".into(), resource_version: rv.into(), token_of: None }
+    }
+
+    fn synced_index() -> Index {
+        let index = Index::default();
+        index.set_synced(Watched::Secrets, None, true);
+        index.set_synced(Watched::ServiceAccounts, None, true);
+        index
+    }
+
+    #[test]
+    fn a_request_goes_while_its_credential_is_as_it_was_read() {
+        let index = synced_index();
+        let key = Key::new("ns", "creds");
+        index.secret_applied(key.clone(), secret("7"));
+        let consent = Consent::Secret { key, resource_version: "7".into() };
+        assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Ok(()));
+    }
+
+    #[test]
+    fn a_changed_or_deleted_credential_withdraws_the_request() {
+        let index = synced_index();
+        let key = Key::new("ns", "creds");
+        // The opt-in label removed, the allowed-servers annotation narrowed or the value
+        // rotated: each is a new resourceVersion.
+        index.secret_applied(key.clone(), secret("8"));
+        let consent = Consent::Secret { key: key.clone(), resource_version: "7".into() };
+        assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Err(Withdrawn::CredentialChanged));
+        index.secret_deleted(&key);
+        assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Err(Withdrawn::CredentialChanged));
+    }
+
+    #[test]
+    fn a_service_accounts_annotation_edited_while_waiting_withdraws_the_request() {
+        let index = synced_index();
+        let key = Key::new("ns", "builder");
+        index.set_object(Key::new("ns", "ra"), "uid", &[("builder".into(), Role::ServiceAccount)]);
+        let meta = |rv: &str| ServiceAccountMeta {
+            uid: "sa".into(),
+            resource_version: rv.into(),
+            issuers: None,
+            annotation_too_long: false,
+        };
+        index.service_account_applied(key.clone(), meta("1"));
+        let consent = Consent::ServiceAccount { key: key.clone(), resource_version: "1".into() };
+        assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Ok(()));
+        index.service_account_applied(key, meta("2"));
+        assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Err(Withdrawn::CredentialChanged));
+    }
+
+    #[test]
+    fn the_allow_list_is_checked_at_sending() {
+        let index = synced_index();
+        let key = Key::new("ns", "creds");
+        index.secret_applied(key.clone(), secret("7"));
+        let policy = Policy { allowed_servers: vec!["https://other.example.com".into()], ..Policy::default() };
+        let consent = Consent::Secret { key, resource_version: "7".into() };
+        assert_eq!(consent_holds(&index, &policy, URL, &consent), Err(Withdrawn::ServerNotAllowed));
+    }
+
+    #[test]
+    fn a_watch_out_of_sync_leaves_the_read_standing() {
+        let index = Index::default();
+        let consent = Consent::Secret { key: Key::new("ns", "creds"), resource_version: "7".into() };
+        assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Ok(()));
     }
 }

@@ -100,9 +100,15 @@ pub fn decode_claims(token: &str) -> Result<Claims, JwtError> {
         iat: raw.iat.as_ref().and_then(NumericDate::seconds),
         realm_roles: raw
             .realm_access
-            .map(|ra| ra.roles.into_iter().filter_map(|r| r.as_str().map(str::to_owned)).take(MAX_ROLES).collect())
+            .map(|ra| {
+                ra.roles
+                    .into_iter()
+                    .filter_map(|r| r.as_str().map(|r| crate::text::foreign(r, crate::text::MAX_ROLE_CHARS)))
+                    .take(MAX_ROLES)
+                    .collect()
+            })
             .unwrap_or_default(),
-        scope: raw.scope.and_then(|s| s.as_str().map(str::to_owned)),
+        scope: raw.scope.and_then(|s| s.as_str().map(|s| crate::text::foreign(s, crate::text::MAX_SCOPE_CHARS))),
     })
 }
 

@@ -34,5 +34,6 @@ pub mod secret;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod text;
 pub mod token;
 pub mod trust;

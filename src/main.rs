@@ -93,12 +93,18 @@ struct RunArgs {
     /// Most token requests in flight for the whole operator (1 to 10000).
     #[arg(long, default_value_t = queue::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     max_requests_in_flight: usize,
+    /// Most token requests in flight for one namespace, over all the servers its objects name
+    /// (1 to 1000); while n namespaces have requests, each may have at most
+    /// max-requests-in-flight / n in flight (at least one).
+    #[arg(long, default_value_t = queue::DEFAULT_MAX_IN_FLIGHT_PER_NAMESPACE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
+    max_requests_in_flight_per_namespace: usize,
     /// Most token requests in flight to one Keycloak server (1 to 1000): a server that never
     /// answers holds this many, and no more.
     #[arg(long, default_value_t = queue::DEFAULT_MAX_IN_FLIGHT_PER_SERVER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
     max_requests_in_flight_per_server: usize,
     /// Token requests per second to one Keycloak server, evenly spread (1 to 100000). Size it
-    /// as objects x 1.5 / token lifetime in seconds, with margin.
+    /// as objects / (token lifetime - renewBefore) in seconds, with margin (2.25 x objects / 300
+    /// for Keycloak's default 300s tokens and the default renewBefore).
     #[arg(long, default_value_t = queue::DEFAULT_PER_SERVER_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_requests_per_second_per_server: u32,
     /// Log filter, e.g. `info` or `registry_access_operator=debug`.
@@ -218,6 +224,7 @@ async fn run(args: RunArgs) -> ExitCode {
         mount_delay: args.kubelet_sync_period,
         limits: QueueConfig {
             max_in_flight: args.max_requests_in_flight,
+            max_in_flight_per_namespace: args.max_requests_in_flight_per_namespace,
             max_in_flight_per_server: args.max_requests_in_flight_per_server,
             per_server_per_second: args.max_requests_per_second_per_server,
         },

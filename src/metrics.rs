@@ -41,6 +41,18 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Labels of a token request dropped unsent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhyLabels {
+    pub why: String,
+}
+
+/// Labels of a watch error: which resource's watch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub resource: String,
+}
+
 /// All of the operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +74,8 @@ pub struct Metrics {
     renewal_lag: Histogram,
     queued: Gauge<i64>,
     undecodable: Gauge<i64>,
+    withdrawn: Family<WhyLabels, Counter>,
+    watch_errors: Family<WatchLabels, Counter>,
     /// Serializes rendering (the registry's encoder needs exclusive access to nothing, but one
     /// scrape at a time keeps the output consistent).
     render: Mutex<()>,
@@ -161,6 +175,21 @@ impl Metrics {
             "RegistryAccess objects stored in a form this operator cannot read (skipped)",
             undecodable.clone(),
         );
+        let withdrawn = Family::<WhyLabels, Counter>::default();
+        registry.register(
+            "token_requests_withdrawn",
+            "Token requests dropped unsent because what allowed them changed while they waited (the credential's opt-in, its allowed servers or its version; the operator's allow-list)",
+            withdrawn.clone(),
+        );
+        let watch_errors = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Errors of the operator's watches, by resource; while a watch is in error the objects it concerns are read from the API",
+            watch_errors.clone(),
+        );
+        for resource in ["registryaccesses", "secrets", "serviceaccounts"] {
+            let _ = watch_errors.get_or_create(&WatchLabels { resource: resource.to_owned() });
+        }
         Self {
             registry,
             token_expiry,
@@ -180,6 +209,8 @@ impl Metrics {
             renewal_lag,
             queued,
             undecodable,
+            withdrawn,
+            watch_errors,
             render: Mutex::new(()),
         }
     }
@@ -278,6 +309,16 @@ impl Metrics {
 
     pub fn set_queued(&self, n: usize) {
         self.queued.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A queued token request was dropped unsent.
+    pub fn request_withdrawn(&self, why: &str) {
+        self.withdrawn.get_or_create(&WhyLabels { why: why.to_owned() }).inc();
+    }
+
+    /// A watch of `resource` failed.
+    pub fn watch_error(&self, resource: &str) {
+        self.watch_errors.get_or_create(&WatchLabels { resource: resource.to_owned() }).inc();
     }
 
     pub fn set_undecodable(&self, n: usize) {

@@ -17,7 +17,8 @@ use crate::assertion::{Credential, SigningKey};
 use crate::credentials::{self, Fingerprint};
 use crate::failure::{Error, Problem, reason, within};
 use crate::index::Key;
-use crate::index::ServiceAccountMeta;
+use crate::index::{MAX_ISSUERS, MAX_ISSUERS_ANNOTATION, ServiceAccountMeta};
+use crate::issuer::Consent;
 use crate::issuer::OwnedRequest;
 use crate::policy::{self, Policy};
 use crate::reconcile::Context;
@@ -39,6 +40,7 @@ pub async fn token_secret(ra: &RegistryAccess, ctx: &Context) -> Result<TokenSec
     let uid = ra.uid().unwrap_or_default();
     if let Some(known) = ctx.states.known(&uid)
         && known.generation == ra.metadata.generation
+        && ctx.index.secrets_synced(&namespace)
         && ctx
             .index
             .secret(&Key::new(&namespace, &name))
@@ -129,8 +131,14 @@ fn service_account_check(ra: &RegistryAccess, meta: &ServiceAccountMeta) -> Resu
     let uncovered = [&audience, &destination].into_iter().find(|u| !policy::server_allowed_nonempty(u, allowed));
     let Some(audience) = uncovered else { return Ok(()) };
     let what = match &meta.issuers {
+        None if meta.annotation_too_long => {
+            format!("has an annotation longer than {MAX_ISSUERS_ANNOTATION} bytes (not read)")
+        }
         None => "has no annotation".to_owned(),
-        Some(list) => format!("lists only {} in its annotation", list.join(", ")),
+        Some(list) => format!(
+            "lists only {} in its annotation",
+            crate::text::foreign(&list.join(", "), crate::text::MAX_QUOTED_CHARS)
+        ),
     };
     Err(Problem::fix(
         reason::SERVICE_ACCOUNT_NOT_OPTED_IN,
@@ -151,7 +159,9 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
         CredentialSource::Missing => Ok(ClientSecret::Missing),
         CredentialSource::ServiceAccount { name } => {
             let key = Key::new(&namespace, name);
-            if let Some(meta) = ctx.index.service_account(&key) {
+            if ctx.index.service_accounts_synced(&namespace)
+                && let Some(meta) = ctx.index.service_account(&key)
+            {
                 return Ok(ClientSecret::ServiceAccount(meta));
             }
             let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -159,13 +169,19 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
                 Error::ReadServiceAccount { namespace: namespace.clone(), name: name.to_owned(), source }
             })?;
             Ok(match read {
-                Some(sa) => ClientSecret::ServiceAccount(service_account_meta(&sa.metadata)),
+                Some(sa) => {
+                    let meta = service_account_meta(&sa.metadata);
+                    ctx.index.service_account_read(key, meta.clone());
+                    ClientSecret::ServiceAccount(meta)
+                }
                 None => ClientSecret::Missing,
             })
         }
         CredentialSource::Secret { name, .. } => {
             let key = Key::new(&namespace, name);
-            if let Some(fingerprint) = ctx.index.fingerprint(&key) {
+            if ctx.index.secrets_synced(&namespace)
+                && let Some(fingerprint) = ctx.index.fingerprint(&key)
+            {
                 return Ok(ClientSecret::Found { fingerprint, read: None });
             }
             Ok(match read_secret(ctx, &namespace, name).await? {
@@ -180,15 +196,18 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
     }
 }
 
-/// What the operator keeps of a ServiceAccount's metadata.
+/// What the operator keeps of a ServiceAccount's metadata: its uid and version, and its issuers
+/// annotation when it is of a sane size (at most [`MAX_ISSUERS`] entries of it).
 pub fn service_account_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ServiceAccountMeta {
+    let annotation = meta.annotations.as_ref().and_then(|a| a.get(KEYCLOAK_ISSUERS_ANNOTATION));
+    let too_long = annotation.is_some_and(|v| v.len() > MAX_ISSUERS_ANNOTATION);
     ServiceAccountMeta {
         uid: meta.uid.clone().unwrap_or_default(),
-        issuers: meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(KEYCLOAK_ISSUERS_ANNOTATION))
-            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
+        issuers: annotation.filter(|_| !too_long).map(|v| {
+            v.split(',').map(str::trim).filter(|s| !s.is_empty()).take(MAX_ISSUERS).map(str::to_owned).collect()
+        }),
+        annotation_too_long: too_long,
     }
 }
 
@@ -208,14 +227,21 @@ pub fn spec_problem(ra: &RegistryAccess, policy: &Policy) -> Option<Problem> {
     policy.refusal(&ra.spec.server).map(|(reason, message)| Problem::fix(reason, message))
 }
 
+/// A token request ready to queue: what it sends, the inputs digest of the credential actually
+/// used, and the version of that credential that allowed it.
+pub struct Prepared {
+    pub request: OwnedRequest,
+    pub inputs: String,
+    pub consent: Consent,
+}
+
 /// Everything a token request needs: the credential (a secret or key read now, or a
-/// ServiceAccount token minted now), the token URL and the CA bundle. The request inputs
-/// returned are those of the credential actually used.
+/// ServiceAccount token minted now), the token URL and the CA bundle.
 pub async fn request(
     ra: &RegistryAccess,
     ctx: &Context,
     client: ClientSecret,
-) -> Result<Result<(OwnedRequest, String), Problem>, Error> {
+) -> Result<Result<Prepared, Problem>, Error> {
     if let Some(problem) = spec_problem(ra, &ctx.policy) {
         return Ok(Err(problem));
     }
@@ -224,12 +250,12 @@ pub async fn request(
         Err(message) => return Ok(Err(Problem::fix(reason::INVALID_SPEC, message))),
     };
     let namespace = ra.namespace().unwrap_or_default();
-    let (credential, inputs) = match credential(ra, ctx, client, &namespace).await? {
+    let (credential, inputs, consent) = match credential(ra, ctx, client, &namespace).await? {
         Ok(c) => c,
         Err(problem) => return Ok(Err(problem)),
     };
     let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace, ctx.api_timeout).await? {
-        Ok(pem) => pem,
+        Ok(pem) => pem.map(|pem| ctx.bundles.share(pem)),
         Err(problem) => return Ok(Err(problem)),
     };
     let request = OwnedRequest {
@@ -239,16 +265,16 @@ pub async fn request(
         scopes: ra.spec.scopes.clone(),
         ca_bundle,
     };
-    Ok(Ok((request, inputs)))
+    Ok(Ok(Prepared { request, inputs, consent }))
 }
 
-/// The credential of a request and its inputs digest.
+/// The credential of a request, its inputs digest and the consent it is sent under.
 async fn credential(
     ra: &RegistryAccess,
     ctx: &Context,
     client: ClientSecret,
     namespace: &str,
-) -> Result<Result<(Credential, String), Problem>, Error> {
+) -> Result<Result<(Credential, String, Consent), Problem>, Error> {
     if let ClientSecret::Missing = client {
         return Ok(Err(client.problem(ra).unwrap_or_else(|| credentials::no_source(ra))));
     }
@@ -261,8 +287,10 @@ async fn credential(
             Ok(a) => a,
             Err(problem) => return Ok(Err(problem)),
         };
+        let consent =
+            Consent::ServiceAccount { key: Key::new(namespace, name), resource_version: meta.resource_version.clone() };
         return Ok(match mint(ctx, namespace, name, &meta.uid, &audience).await {
-            Ok((token, at)) => Ok((Credential::ServiceAccountToken(token, at), sa_inputs(ra, meta))),
+            Ok((token, at)) => Ok((Credential::ServiceAccountToken(token, at), sa_inputs(ra, meta), consent)),
             Err(problem) => Err(problem),
         });
     }
@@ -275,9 +303,13 @@ async fn credential(
         Ok(found) => found,
         Err(problem) => return Ok(Err(problem)),
     };
-    if let CredentialSource::Secret { name, .. } = ra.spec.credential_source() {
-        ctx.index.set_fingerprint(Key::new(namespace, name), Arc::new(fingerprint));
-    }
+    let CredentialSource::Secret { name, .. } = ra.spec.credential_source() else {
+        return Ok(Err(credentials::no_source(ra)));
+    };
+    let key = Key::new(namespace, name);
+    let resource_version = secret.as_ref().and_then(|s| s.metadata.resource_version.clone()).unwrap_or_default();
+    ctx.index.set_fingerprint(key.clone(), Arc::new(fingerprint));
+    let consent = Consent::Secret { key, resource_version };
     let value = credentials.client_secret;
     let credential = match ra.spec.client_auth_method {
         ClientAuthMethod::ClientSecretPost => Credential::SecretPost(value),
@@ -298,7 +330,7 @@ async fn credential(
         }
         ClientAuthMethod::ServiceAccount => return Ok(Err(credentials::no_source(ra))),
     };
-    Ok(Ok((credential, credentials.inputs)))
+    Ok(Ok((credential, credentials.inputs, consent)))
 }
 
 /// A token of the ServiceAccount for `audience`, minted with the TokenRequest API for the
@@ -379,15 +411,20 @@ mod tests {
 
     #[test]
     fn a_service_account_token_goes_only_where_its_annotation_allows() {
-        let opted_in =
-            ServiceAccountMeta { uid: "u".into(), issuers: Some(vec!["https://kc.example.com/auth/realms/r".into()]) };
+        let sa = |issuers: Option<Vec<String>>| ServiceAccountMeta {
+            uid: "u".into(),
+            resource_version: "1".into(),
+            issuers,
+            annotation_too_long: false,
+        };
+        let opted_in = sa(Some(vec!["https://kc.example.com/auth/realms/r".into()]));
         assert!(service_account_check(&federated("https://kc.example.com/auth", None), &opted_in).is_ok());
         // An audience override naming the allowed issuer cannot carry the token to another server.
         let sneaky = federated("https://evil.example", Some("https://kc.example.com/auth/realms/r"));
         let p = service_account_check(&sneaky, &opted_in).unwrap_err();
         assert_eq!(p.reason, reason::SERVICE_ACCOUNT_NOT_OPTED_IN);
         assert!(p.message.contains("https://evil.example/realms/r"), "{}", p.message);
-        let silent = ServiceAccountMeta { uid: "u".into(), issuers: None };
+        let silent = sa(None);
         let p = service_account_check(&federated("https://kc.example.com/auth", None), &silent).unwrap_err();
         assert!(p.message.contains("has no annotation") && p.message.contains("kubectl annotate"), "{}", p.message);
     }

@@ -57,8 +57,17 @@ pub struct Context {
     pub failed_attempt: Duration,
     /// ServiceAccount tokens minted moments ago.
     pub minted: Minted,
+    /// CA bundles shared by queued requests.
+    pub bundles: crate::trust::Bundles,
     undecodable: Mutex<HashSet<Key>>,
+    /// The objects that exist, by the watch: key -> uid.
+    live: Mutex<std::collections::HashMap<Key, String>>,
+    /// When each resource's watch error was last logged, and errors since.
+    watch_logged: Mutex<std::collections::HashMap<&'static str, (Option<std::time::Instant>, u64)>>,
 }
+
+/// At most one log line per resource's watch errors in this interval.
+const WATCH_ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What a [`Context`] is made of, besides the shared handles.
 pub struct Settings {
@@ -76,7 +85,7 @@ impl Context {
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
-        states: Arc<States>,
+        (states, index): (Arc<States>, Arc<Index>),
         issuer: Arc<Issuer>,
         settings: Settings,
     ) -> Self {
@@ -86,14 +95,17 @@ impl Context {
             api_timeout: settings.api_timeout,
             metrics,
             states,
-            index: Arc::new(Index::default()),
+            index,
             issuer,
             policy: settings.policy,
             digest_key: settings.digest_key,
             mount_delay: settings.mount_delay,
             failed_attempt: settings.failed_attempt,
             minted: Minted::default(),
+            bundles: Default::default(),
             undecodable: Mutex::new(HashSet::new()),
+            live: Mutex::default(),
+            watch_logged: Mutex::default(),
         }
     }
 
@@ -106,8 +118,57 @@ impl Context {
         }
     }
 
+    /// Records that the object under `key` exists with `uid` (the watch showed it).
+    pub fn set_live(&self, key: Key, uid: &str) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(&key).map(String::as_str) != Some(uid) {
+            live.insert(key, uid.to_owned());
+        }
+    }
+
+    /// After a reconcile or its error handling: if the object was deleted meanwhile (or replaced
+    /// by one of the same name), what the reconcile just recorded of it is forgotten again, so
+    /// that no metric series, state or queued request outlives it.
+    pub fn settle(&self, key: &Key, uid: &str) {
+        let current = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
+        match current {
+            Some(u) if u == uid => {}
+            Some(_) => {
+                self.states.forget(uid);
+                self.issuer.cancel(uid);
+            }
+            None => self.forget(key, Some(uid)),
+        }
+    }
+
+    /// A watch failed: counted, and logged at most once per [`WATCH_ERROR_LOG_EVERY`] per
+    /// resource (a watch that keeps failing retries with a backoff of its own).
+    pub fn watch_failed(&self, resource: &'static str, error: &kube::runtime::watcher::Error) {
+        self.metrics.watch_error(resource);
+        let now = std::time::Instant::now();
+        let mut logged = self.watch_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let last = logged.entry(resource).or_insert((None, 0));
+        last.1 += 1;
+        if last.0.is_none_or(|t: std::time::Instant| now.duration_since(t) >= WATCH_ERROR_LOG_EVERY) {
+            warn!(
+                resource,
+                errors_since_last_log = last.1,
+                error = %crate::text::foreign(&error.to_string(), crate::text::MAX_QUOTED_CHARS),
+                "watch failed; the objects it concerns are read from the API until it has listed again (does the \
+                 operator still have list and watch on this resource?)"
+            );
+            *last = (Some(now), 0);
+        }
+    }
+
     /// Forgets everything about a deleted object.
     pub fn forget(&self, key: &Key, uid: Option<&str>) {
+        {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            if uid.is_none_or(|u| live.get(key).is_some_and(|l| l == u)) {
+                live.remove(key);
+            }
+        }
         self.index.remove_object(key);
         self.metrics.forget_object(&key.namespace, &key.name);
         self.set_undecodable(key.clone(), false);
@@ -132,9 +193,11 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
         Err(invalid) => Ok(report::undecodable(&ctx, key, invalid)),
     };
     ctx.metrics.reconciled(start.elapsed(), result.as_ref().err().map(Error::kind));
+    let uid = meta.uid.as_deref().unwrap_or_default();
     if result.is_ok() {
-        ctx.states.api_succeeded(meta.uid.as_deref().unwrap_or_default());
+        ctx.states.api_succeeded(uid);
     }
+    ctx.settle(&Key::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default()), uid);
     result
 }
 
@@ -205,14 +268,20 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
                 Some(done) => store(ra, ctx, &decision_inputs, done).await?,
                 None if inputs.as_deref().is_some_and(|i| ctx.states.pending(&uid, i)) => Step::Pending { now: false },
                 None => match read::request(ra, ctx, client).await? {
-                    Ok((request, inputs)) => {
+                    Ok(read::Prepared { request, inputs, consent }) => {
                         debug!(reason = why.as_str(), "token request queued");
+                        let deadline = match &token.observed {
+                            Observed::Held(h) => Some(deadline(h.token.expires_at, ctx.failed_attempt, now)),
+                            _ => None,
+                        };
                         let job = Job {
                             object: ObjectRef::new(&ra.name_any()).within(&ra.namespace().unwrap_or_default()),
                             uid: uid.clone(),
                             inputs,
                             request,
                             due_at: decide::due_at(&decision_inputs, why),
+                            deadline,
+                            consent,
                         };
                         ctx.issuer.submit(&ra.namespace().unwrap_or_default(), job);
                         Step::Pending { now: true }
@@ -376,8 +445,20 @@ fn failed(ctx: &Context, i: &Inputs<'_>, uid: &str, problem: &Problem) -> Step {
 pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     let uid = obj.meta().uid.clone().unwrap_or_default();
     let wait = ctx.states.api_failed(&uid, rand::random::<f64>());
+    let meta = obj.meta();
+    ctx.settle(
+        &Key::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default()),
+        &uid,
+    );
     warn!(error = %error, retry_in_secs = wait.as_secs_f64(), "reconcile failed at the Kubernetes API; retrying");
     Action::requeue(wait)
+}
+
+/// The latest start of a request that still lets one failed attempt pass before the held token
+/// expires, on the process clock.
+fn deadline(expires_at: Timestamp, failed_attempt: Duration, now: Timestamp) -> std::time::Instant {
+    let left = Duration::try_from(expires_at.duration_since(now)).unwrap_or(Duration::ZERO);
+    std::time::Instant::now() + left.saturating_sub(failed_attempt)
 }
 
 fn signed(d: Duration) -> jiff::SignedDuration {

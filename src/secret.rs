@@ -154,7 +154,7 @@ pub fn read_token(live: &Secret) -> Option<(IssuedToken, Option<String>)> {
             access_token: SecretString::from(access_token.to_owned()),
             issued_at,
             expires_at,
-            scope: annotations.get(SCOPE_ANNOTATION).cloned(),
+            scope: annotations.get(SCOPE_ANNOTATION).map(|s| crate::text::foreign(s, crate::text::MAX_SCOPE_CHARS)),
             roles_claim: claims.roles_claim,
             realm_roles: claims.realm_roles,
         },

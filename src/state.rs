@@ -112,6 +112,15 @@ impl States {
         true
     }
 
+    /// Forgets a request that was dropped unsent, so that the next reconcile makes a new one.
+    pub fn abandon(&self, uid: &str, inputs: &str) {
+        self.with(uid, |s| {
+            if s.pending.as_ref().is_some_and(|(i, _)| i == inputs) {
+                s.pending = None;
+            }
+        });
+    }
+
     /// Takes the outcome of the last request if it was for `inputs`; an outcome for other inputs
     /// is dropped.
     pub fn take_completed(&self, uid: &str, inputs: &str) -> Option<Completed> {

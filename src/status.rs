@@ -109,6 +109,9 @@ pub fn build(i: &StatusInputs<'_>) -> RegistryAccessStatus {
     }
 }
 
+/// Longest list of granted roles quoted in a condition message (all of them are in grantedRoles).
+const MAX_GRANTED_IN_MESSAGE: usize = 500;
+
 /// What is wrong with a token's roles, if anything: roles of `required` it lacks, or no roles
 /// claim at all (a lightweight access token), so that they cannot be checked.
 pub fn roles_problem(required: &[String], token: &TokenFacts) -> Option<(&'static str, String)> {
@@ -130,7 +133,12 @@ pub fn roles_problem(required: &[String], token: &TokenFacts) -> Option<(&'stati
     if missing.is_empty() {
         return None;
     }
-    let granted = if token.realm_roles.is_empty() { "none".to_owned() } else { token.realm_roles.join(", ") };
+    // The granted roles are the token server's text: each is already cleaned, the list is cut.
+    let granted = if token.realm_roles.is_empty() {
+        "none".to_owned()
+    } else {
+        crate::text::foreign(&token.realm_roles.join(", "), MAX_GRANTED_IN_MESSAGE)
+    };
     Some((
         reason::REQUIRED_ROLES_MISSING,
         format!(

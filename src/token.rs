@@ -14,7 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::assertion::{self, Credential, JWT_BEARER};
-use crate::jwt;
+use crate::{jwt, text};
 
 /// Largest token response body accepted; Keycloak's are a few KiB.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -24,8 +24,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest `expires_in` taken at face value (ten years); anything longer is a broken response.
 const MAX_EXPIRES_IN_SECS: i64 = 10 * 365 * 24 * 3600;
-/// Longest error description quoted from Keycloak in a status message.
-const MAX_DESCRIPTION_CHARS: usize = 200;
 
 /// What the token endpoint is asked for.
 pub struct TokenRequest<'a> {
@@ -286,11 +284,84 @@ impl TokenClient {
         if e.is_timeout() {
             return TokenError::Timeout { url: url.to_owned(), timeout: self.config.request_timeout };
         }
-        let chain = error_chain(&e);
-        if has_source::<rustls::Error>(&e) || chain.contains("certificate") || chain.contains("InvalidCertificate") {
-            return TokenError::Tls { url: url.to_owned(), cause: chain };
+        // Our own words only: the peer's text (its certificate's names, its alert, an address it
+        // resolved to) never reaches a status, so the status is not a probe of what the operator
+        // can reach.
+        if let Some(cause) = tls_failure(&e) {
+            return TokenError::Tls { url: url.to_owned(), cause: cause.to_owned() };
         }
-        TokenError::Connect { url: url.to_owned(), cause: chain }
+        TokenError::Connect { url: url.to_owned(), cause: connect_failure(&e).to_owned() }
+    }
+}
+
+/// The sources of an error, looking inside `io::Error`s (whose `source()` skips the error they
+/// wrap, which is where rustls puts its own).
+fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> Vec<&'a (dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next.take() {
+        if out.len() >= 16 {
+            break;
+        }
+        out.push(err);
+        next = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    out
+}
+
+/// What went wrong in a TLS handshake, in our words; `None` when the failure was not TLS.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let tls = causes(e).into_iter().find_map(|c| c.downcast_ref::<rustls::Error>())?;
+    Some(match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            C::UnknownIssuer => {
+                "the server's certificate is not signed by a trusted CA (set spec.tls.caBundle or caBundleRef for a private CA)"
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the server's certificate is not valid for the host name in spec.server"
+            }
+            C::Expired | C::ExpiredContext { .. } => "the server's certificate has expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "the server's certificate is not valid yet",
+            C::Revoked => "the server's certificate is revoked",
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                "the server's certificate is not meant for TLS servers"
+            }
+            _ => "the server's certificate was refused",
+        },
+        rustls::Error::AlertReceived(_) => "the server refused the TLS handshake",
+        rustls::Error::NoCertificatesPresented => "the server presented no certificate",
+        _ => "the TLS handshake failed",
+    })
+}
+
+/// Why a connection failed, in our words.
+fn connect_failure(e: &reqwest::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    let all = causes(e);
+    let kind = all.iter().find_map(|c| c.downcast_ref::<std::io::Error>()).map(std::io::Error::kind);
+    match kind {
+        Some(K::ConnectionRefused) => return "the connection was refused (nothing listens on that port)",
+        Some(K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof) => {
+            return "the server closed or reset the connection";
+        }
+        Some(K::TimedOut) => return "the connection timed out",
+        Some(K::AddrNotAvailable | K::NetworkUnreachable | K::HostUnreachable) => {
+            return "the address cannot be reached";
+        }
+        _ => {}
+    }
+    // Classified by our client's own wording, never quoted.
+    let chain = all.iter().map(ToString::to_string).collect::<Vec<_>>().join(": ").to_ascii_lowercase();
+    if chain.contains("dns error") || chain.contains("failed to lookup address") {
+        "the host name cannot be resolved"
+    } else if e.is_connect() {
+        "the connection could not be opened"
+    } else {
+        "the connection failed before Keycloak answered"
     }
 }
 
@@ -405,6 +476,10 @@ pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenEr
         Some(v) => {
             let secs =
                 expires_in_seconds(&v).ok_or_else(|| invalid("expires_in is not a positive number of seconds"))?;
+            // The token's own lifetime (`exp - iat`) when it is shorter: a Keycloak whose clock or
+            // response disagrees with its token never makes the operator renew late.
+            let own = claims.as_ref().and_then(|c| Some(c.exp? - c.iat?)).filter(|l| *l > 0);
+            let secs = own.map_or(secs, |own| secs.min(own));
             now.checked_add(SignedDuration::from_secs(secs)).map_err(|_| invalid("expires_in is out of range"))?
         }
         None => {
@@ -421,7 +496,8 @@ pub fn parse_success(body: &[u8], now: Timestamp) -> Result<IssuedToken, TokenEr
     let scope = match raw.scope {
         Some(serde_json::Value::String(s)) => Some(s),
         _ => claims.as_ref().and_then(|c| c.scope.clone()),
-    };
+    }
+    .map(|s| text::foreign(&s, text::MAX_SCOPE_CHARS));
     Ok(IssuedToken {
         access_token: SecretString::from(access_token),
         issued_at: now,
@@ -462,7 +538,7 @@ pub fn classify_failure(
 ) -> TokenError {
     let code = status.as_u16();
     if status.is_redirection() {
-        return TokenError::Redirect { status: code, location };
+        return TokenError::Redirect { status: code, location: location.map(|l| sanitize(&l)) };
     }
     if status.is_server_error() {
         return TokenError::ServerError { url: url.to_owned(), status: code, retry_after };
@@ -506,7 +582,7 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
 
 /// Keeps an error text from Keycloak short and printable.
 fn sanitize(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(MAX_DESCRIPTION_CHARS).collect()
+    text::foreign(s, text::MAX_QUOTED_CHARS)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -518,17 +594,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
-}
-
-fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(s) = source {
-        if s.is::<T>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// The token endpoint of a realm: `{server}/realms/{realm}/protocol/openid-connect/token`.
@@ -587,6 +652,35 @@ mod tests {
         let t = parse_success(body.to_string().as_bytes(), now()).unwrap();
         assert_eq!(t.expires_at, now() + SignedDuration::from_secs(300));
         assert_eq!(t.scope.as_deref(), Some("profile email"));
+    }
+
+    #[test]
+    fn the_shorter_of_expires_in_and_the_tokens_own_lifetime_counts() {
+        let token = jwt(&serde_json::json!({"iat": 1_000, "exp": 1_060}));
+        let body = serde_json::json!({"access_token": token, "expires_in": 300});
+        let t = parse_success(body.to_string().as_bytes(), now()).unwrap();
+        assert_eq!(t.expires_at, now() + SignedDuration::from_secs(60));
+        let token = jwt(&serde_json::json!({"iat": 1_000, "exp": 2_000}));
+        let body = serde_json::json!({"access_token": token, "expires_in": 300});
+        let t = parse_success(body.to_string().as_bytes(), now()).unwrap();
+        assert_eq!(t.expires_at, now() + SignedDuration::from_secs(300));
+    }
+
+    #[test]
+    fn foreign_text_in_a_response_is_cleaned_and_bounded() {
+        let role = format!("r\u{1b}[2J{}", "x".repeat(10_000));
+        let token = jwt(&serde_json::json!({"exp": now().as_second() + 300, "realm_access": {"roles": [role]}}));
+        let scope = format!("profile \u{1b}]0;pwned\u{7} {}", "s".repeat(20_000));
+        let body = serde_json::json!({"access_token": token, "expires_in": 300, "scope": scope});
+        let t = parse_success(body.to_string().as_bytes(), now()).unwrap();
+        let scope = t.scope.unwrap();
+        assert!(scope.chars().count() <= crate::text::MAX_SCOPE_CHARS && !scope.contains('\u{1b}'), "{scope}");
+        assert!(t.realm_roles[0].chars().count() <= crate::text::MAX_ROLE_CHARS);
+        assert!(!t.realm_roles[0].contains('\u{1b}'));
+        let location = format!("https://x/{}\u{1b}[0m", "a".repeat(100 * 1024));
+        let e = classify_failure(StatusCode::FOUND, "u", b"", Some(location), None);
+        let text = e.to_string();
+        assert!(text.len() < 1_000 && !text.contains('\u{1b}'), "{} chars", text.len());
     }
 
     #[test]
@@ -688,7 +782,7 @@ mod tests {
         let body = serde_json::json!({"error": "invalid_client", "error_description": format!("a\u{7}b{long}")});
         let err = classify_failure(StatusCode::UNAUTHORIZED, "u", body.to_string().as_bytes(), None, None);
         let TokenError::InvalidClient { description: Some(d), .. } = &err else { panic!("{err:?}") };
-        assert!(d.starts_with("abx") && d.chars().count() == MAX_DESCRIPTION_CHARS);
+        assert!(d.starts_with("a?bx") && d.chars().count() == crate::text::MAX_QUOTED_CHARS, "{d}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The CA bundle a RegistryAccess names in spec.tls: read inline or from its ConfigMap or Secret,
 //! and checked to hold at least one certificate.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
@@ -64,4 +67,44 @@ pub async fn read_ca_bundle(
         Ok(_) => Ok(Some(pem)),
         Err(e) => Err(problem(format!("spec.tls: {e}"))),
     })
+}
+
+/// CA bundles shared by the requests that carry them: a thousand queued requests of objects
+/// that name the same bundle hold one copy of it.
+#[derive(Default)]
+pub struct Bundles {
+    live: Mutex<HashMap<[u8; 32], Weak<str>>>,
+}
+
+impl Bundles {
+    /// The shared copy of `pem`.
+    pub fn share(&self, pem: String) -> Arc<str> {
+        use sha2::Digest as _;
+        let key: [u8; 32] = sha2::Sha256::digest(pem.as_bytes()).into();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = live.get(&key).and_then(Weak::upgrade) {
+            return shared;
+        }
+        live.retain(|_, w| w.strong_count() > 0);
+        let shared: Arc<str> = Arc::from(pem);
+        live.insert(key, Arc::downgrade(&shared));
+        shared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_copy_per_bundle_while_any_request_holds_it() {
+        let bundles = Bundles::default();
+        let a = bundles.share("PEM".repeat(1000));
+        let b = bundles.share("PEM".repeat(1000));
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        let c = bundles.share("OTHER".into());
+        assert_eq!(bundles.live.lock().unwrap().len(), 1, "the dropped bundle is forgotten");
+        drop(c);
+    }
 }

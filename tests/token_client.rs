@@ -274,3 +274,69 @@ async fn realm_not_found_and_bad_scope_have_their_own_errors() {
     let err = request(&url, ClientAuthMethod::ClientSecretPost, &["bogus".into()]).await.unwrap_err();
     assert!(matches!(err, TokenError::InvalidScope { .. }), "{err:?}");
 }
+
+/// A TLS server on 127.0.0.1 whose certificate (signed by `ca`) names only `names`; it completes
+/// handshakes and then closes.
+async fn tls_server(ca: &support::pki::Ca, names: &[&str]) -> Url {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pair = ca.server(names).unwrap();
+    let certs = CertificateDer::pem_slice_iter(pair.cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+    registry_access_operator::token::install_crypto_provider();
+    let config =
+        tokio_rustls::rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(sock).await;
+            });
+        }
+    });
+    Url::parse(&format!("https://{addr}/auth/realms/r/protocol/openid-connect/token")).unwrap()
+}
+
+async fn request_with_ca(url: &Url, ca_bundle: Option<&str>) -> TokenError {
+    let credential = Credential::SecretPost(SecretString::from(SECRET));
+    let req = TokenRequest { token_url: url, client_id: "test-ext", credential: &credential, scopes: &[], ca_bundle };
+    client().request(&req, Timestamp::now()).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn tls_failures_are_told_in_our_words_without_the_peers_names() {
+    let ca = support::pki::Ca::new("probe-ca").unwrap();
+    let hidden = "internal-billing-db.corp.example";
+    let url = tls_server(&ca, &[hidden]).await;
+    // Trusted CA, wrong name: the names the certificate holds are not echoed.
+    let err = request_with_ca(&url, Some(&ca.cert)).await;
+    assert!(matches!(err, TokenError::Tls { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("not valid for the host name"), "{text}");
+    assert!(!text.contains("internal-billing") && !text.contains("corp.example"), "{text}");
+    // Untrusted CA: said so, and nothing of the certificate either.
+    let err = request_with_ca(&url, None).await;
+    let text = err.to_string();
+    assert!(text.contains("not signed by a trusted CA"), "{text}");
+    assert!(!text.contains("internal-billing") && !text.contains("probe-ca"), "{text}");
+}
+
+#[tokio::test]
+async fn a_reset_connection_is_told_in_our_words() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            // Close at once with a reset.
+            let _ = sock.set_zero_linger();
+            drop(sock);
+        }
+    });
+    let url = Url::parse(&format!("http://{addr}/token")).unwrap();
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::Connect { .. }), "{err:?}");
+    assert!(err.to_string().contains("closed or reset"), "{err}");
+}

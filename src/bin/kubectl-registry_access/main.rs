@@ -16,6 +16,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use registry_access_operator::api::{REFRESH_ANNOTATION, RegistryAccess};
+use registry_access_operator::text::for_terminal;
 use serde::Serialize;
 
 /// The CRD's name.
@@ -137,7 +138,7 @@ async fn main() {
         return;
     }
     if let Err(e) = run(cli).await {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", for_terminal(&e.to_string()));
         std::process::exit(1);
     }
 }
@@ -184,7 +185,7 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
                     "No RegistryAccess objects in {}.",
                     scope.map_or("any namespace".into(), |n| format!("namespace {n}"))
                 ),
-                Output::Text => print!("{}", view::table(&rows, cli.all_namespaces)),
+                Output::Text => out(&view::table(&rows, cli.all_namespaces)),
                 _ => print_as(cli.output, &rows)?,
             }
         }
@@ -227,7 +228,7 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
             let mut d = view::details(&ra, &events, secret.as_ref(), now);
             d.secret_note = secret_note;
             match cli.output {
-                Output::Text => print!("{}", view::details_text(&d)),
+                Output::Text => out(&view::details_text(&d)),
                 _ => print_as(cli.output, &d)?,
             }
         }
@@ -279,14 +280,14 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
                 })?;
             let claims = view::claims(&token, now).map_err(PluginError::Other)?;
             match cli.output {
-                Output::Text => print!("{}", view::claims_text(&claims)),
+                Output::Text => out(&view::claims_text(&claims)),
                 _ => print_as(cli.output, &claims)?,
             }
         }
         Command::Check => {
             let health = check(&client).await?;
             match cli.output {
-                Output::Text => print!("{}", view::health_text(&health)),
+                Output::Text => out(&view::health_text(&health)),
                 _ => print_as(cli.output, &health)?,
             }
         }
@@ -469,6 +470,12 @@ fn print_as<T: Serialize>(output: Output, value: &T) -> Result<(), PluginError> 
         Output::Yaml => serde_yaml::to_string(value).map_err(|e| PluginError::Other(e.to_string()))?,
         _ => serde_json::to_string_pretty(value).map_err(|e| PluginError::Other(e.to_string()))? + "\n",
     };
-    print!("{text}");
+    out(&text);
     Ok(())
+}
+
+/// Prints text that may hold foreign strings (roles, annotations, claims, Event messages) with
+/// every unprintable character escaped: nothing read from the cluster can act on the terminal.
+fn out(text: &str) {
+    print!("{}", for_terminal(text));
 }
