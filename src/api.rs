@@ -121,13 +121,13 @@ pub struct RegistryAccessSpec {
     /// `trembita-invoker`. A token lacking any is still written, but Ready is False with reason
     /// RequiredRolesMissing naming them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 255)))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
     pub required_roles: Vec<String>,
 
     /// OAuth2 scopes to request, sent as the space-separated `scope` parameter. Empty or unset:
     /// no scope parameter, Keycloak grants the client's default scopes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(pattern(SCOPE_PATTERN)))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 128), pattern(SCOPE_PATTERN)))]
     pub scopes: Vec<String>,
 
     /// URL of the registry's API gateway, for example
@@ -167,9 +167,10 @@ pub struct RegistryAccessSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.caBundle) && has(self.caBundleRef))").message("set tls.caBundle or tls.caBundleRef, not both"))]
 pub struct TlsSpec {
-    /// PEM-encoded CA certificates to trust.
+    /// PEM-encoded CA certificates to trust, at most 16 KiB (a larger bundle goes in a ConfigMap
+    /// named by caBundleRef).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 262144))]
+    #[schemars(length(min = 1, max = 16384))]
     pub ca_bundle: Option<String>,
 
     /// A key of a ConfigMap or Secret in this namespace that holds PEM-encoded CA certificates.
@@ -310,7 +311,7 @@ pub enum CredentialSource<'a> {
 }
 
 /// Name and extra metadata of the token Secret.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretTemplate {
     /// Name of the token Secret. Default: `<metadata.name>-token`. An existing Secret of that
@@ -319,13 +320,18 @@ pub struct SecretTemplate {
     #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
     pub name: Option<String>,
 
-    /// Extra labels for the token Secret. `app.kubernetes.io/managed-by` is always set by the
-    /// operator.
+    /// Extra labels for the token Secret, at most 16 (keys up to 317 characters, values up to
+    /// 63). `app.kubernetes.io/managed-by` is always set by the operator.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16, "additionalProperties" = {"type": "string", "maxLength": 63}))]
+    #[x_kube(validation = Rule::new("self.all(k, k.size() <= 317)").message("label keys are at most 317 characters (a 253-character prefix, a slash and a 63-character name)"))]
     pub labels: BTreeMap<String, String>,
 
-    /// Extra annotations for the token Secret. Keys under `registry-access.io/` are reserved.
+    /// Extra annotations for the token Secret, at most 8 (keys up to 317 characters, values up to
+    /// 1024). Keys under `registry-access.io/` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 8, "additionalProperties" = {"type": "string", "maxLength": 1024}))]
+    #[x_kube(validation = Rule::new("self.all(k, k.size() <= 317)").message("annotation keys are at most 317 characters (a 253-character prefix, a slash and a 63-character name)"))]
     pub annotations: BTreeMap<String, String>,
 }
 

@@ -15,7 +15,7 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use kube::{Api, Client, Resource};
 use tracing::{debug, info};
 
-use crate::api::{CredentialSource, Guarded, RegistryAccess};
+use crate::api::{CredentialSource, Guarded, REFRESH_ANNOTATION, RegistryAccess};
 use crate::digest_key::{DigestKey, KeyError};
 use crate::index::{Index, Key, Role, SecretMeta, Watched};
 use crate::issuer::{Issuer, Shared};
@@ -29,8 +29,9 @@ use crate::scopes;
 use crate::state::States;
 use crate::token::{self, TokenClient};
 
-/// The annotation where `kubectl apply` keeps a copy of the object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// Longest refresh annotation value kept as it is in the cache; a longer one is kept as its
+/// digest (only a change of it matters).
+const MAX_REFRESH_VALUE: usize = 64;
 /// Objects per page when a watch lists (kube's default is 500: about 1.5 MB of RegistryAccess JSON).
 const LIST_PAGE_SIZE: u32 = 100;
 /// How often readiness looks whether the watches have synced.
@@ -133,17 +134,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
                 Some(ns) => Api::namespaced(client.clone(), ns),
                 None => Api::all(client.clone()),
             };
-            watcher(api)
-                // Managed fields and kubectl's copy of the last applied object are not needed and
-                // are the bulk of a stored object.
-                .modify(|o: &mut Guarded| {
-                    let meta = o.meta_mut();
-                    meta.managed_fields = None;
-                    if let Some(a) = meta.annotations.as_mut() {
-                        a.remove(LAST_APPLIED);
-                    }
-                })
-                .boxed()
+            watcher(api).modify(|o: &mut Guarded| trim(o.meta_mut())).boxed()
         })
         .collect();
     let (index_ctx, counted) = (ctx.clone(), store.clone());
@@ -229,6 +220,26 @@ where
         let scope = scope.clone();
         watcher::watcher(api, list_config()).default_backoff().map(move |e| (scope.clone(), e)).boxed()
     }))
+}
+
+/// Drops from a cached RegistryAccess what no decision needs, so that an object costs the
+/// operator its spec (bounded by the CRD) and not whatever its metadata holds: managed fields,
+/// labels, owner references, finalizers and every annotation but the refresh request (kept as a
+/// digest when long).
+fn trim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.annotations = meta.annotations.take().and_then(|mut a| a.remove(REFRESH_ANNOTATION)).map(|v| {
+        let v = if v.len() <= MAX_REFRESH_VALUE {
+            v
+        } else {
+            use sha2::Digest as _;
+            format!("sha256:{:x}", sha2::Sha256::digest(v.as_bytes()))
+        };
+        [(REFRESH_ANNOTATION.to_owned(), v)].into()
+    });
 }
 
 /// The watch of one scope's RegistryAccess objects.
@@ -366,4 +377,41 @@ fn secret_triggers(
         })
         .map(|r| ObjectRef::new(&r.object.name).within(&r.object.namespace))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn a_cached_object_keeps_only_what_decisions_need() {
+        let big = "x".repeat(200 * 1024);
+        let mut meta = ObjectMeta {
+            name: Some("ra".into()),
+            uid: Some("u".into()),
+            labels: Some([("l".to_owned(), big.clone())].into()),
+            annotations: Some(
+                [
+                    ("kubectl.kubernetes.io/last-applied-configuration".to_owned(), big.clone()),
+                    ("hostile".to_owned(), big.clone()),
+                    (REFRESH_ANNOTATION.to_owned(), big.clone()),
+                ]
+                .into(),
+            ),
+            finalizers: Some(vec![big.clone()]),
+            ..ObjectMeta::default()
+        };
+        trim(&mut meta);
+        let size = serde_json::to_string(&meta).unwrap().len();
+        assert!(size < 200, "{size} bytes kept");
+        let refresh = &meta.annotations.as_ref().unwrap()[REFRESH_ANNOTATION];
+        assert!(refresh.starts_with("sha256:"), "{refresh}");
+        let mut short = ObjectMeta {
+            annotations: Some([(REFRESH_ANNOTATION.to_owned(), "2026-12-04T10:00:00Z".to_owned())].into()),
+            ..ObjectMeta::default()
+        };
+        trim(&mut short);
+        assert_eq!(short.annotations.unwrap()[REFRESH_ANNOTATION], "2026-12-04T10:00:00Z", "a timestamp is kept as is");
+    }
 }

@@ -1,8 +1,6 @@
 //! The client Secret: whether it may be sent (opt-in label, allowed servers), its keyed
 //! fingerprint, the client secret itself, and the digest of everything a token request depends on.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use secrecy::SecretString;
@@ -23,37 +21,62 @@ pub struct Credentials {
     pub inputs: String,
 }
 
+/// Longest `registry-access.io/allowed-servers` annotation read, in bytes; a longer one allows
+/// nothing (the Secret is not sent, and the status says why).
+pub const MAX_ALLOWED_SERVERS_ANNOTATION: usize = 8 * 1024;
+/// Most servers kept from that annotation.
+pub const MAX_ALLOWED_SERVERS: usize = 32;
+
 /// What the operator keeps of a client Secret it read: whether it may be sent, and a keyed
-/// fingerprint of each value (never a value).
+/// fingerprint of the one value an object uses (never a value). Nothing of a Secret that did not
+/// opt in is looked at beyond its label.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fingerprint {
     /// The version this was taken from.
     pub resource_version: String,
     /// The Secret carries the opt-in label.
     pub opted_in: bool,
-    /// The servers its annotation allows, if it names any.
+    /// The servers its annotation allows, if it names any (an annotation over the size bound
+    /// allows none).
     pub allowed_servers: Option<Vec<String>>,
-    /// Per data key: the keyed fingerprint of the value, or why the value is unusable.
-    pub values: BTreeMap<String, Result<String, &'static str>>,
+    /// The data key this was taken for.
+    pub key: String,
+    /// The keyed fingerprint of that key's value, or why the value is unusable; `None` when the
+    /// key is absent or the Secret did not opt in.
+    pub value: Option<Result<String, &'static str>>,
 }
 
 impl Fingerprint {
-    /// Takes the fingerprint of `secret` with `key`.
-    pub fn of(secret: &Secret, key: &DigestKey) -> Self {
+    /// Takes the fingerprint of `secret`'s value under `data_key` with `digest`, only when the
+    /// Secret opted in.
+    pub fn of(secret: &Secret, digest: &DigestKey, data_key: &str) -> Self {
         let labels = secret.metadata.labels.as_ref();
         let annotations = secret.metadata.annotations.as_ref();
+        let opted_in = labels.and_then(|l| l.get(CLIENT_SECRET_LABEL)).is_some_and(|v| v == "true");
+        let allowed_servers =
+            annotations.and_then(|a| a.get(ALLOWED_SERVERS_ANNOTATION)).filter(|_| opted_in).map(|v| {
+                if v.len() > MAX_ALLOWED_SERVERS_ANNOTATION {
+                    return Vec::new();
+                }
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .take(MAX_ALLOWED_SERVERS)
+                    .map(str::to_owned)
+                    .collect()
+            });
+        let value = secret
+            .data
+            .as_ref()
+            .filter(|_| opted_in)
+            .and_then(|d| d.get(data_key))
+            .map(|v| value_of(&v.0).map(|value| digest.fingerprint(value.as_bytes())));
         Self {
             resource_version: secret.metadata.resource_version.clone().unwrap_or_default(),
-            opted_in: labels.and_then(|l| l.get(CLIENT_SECRET_LABEL)).is_some_and(|v| v == "true"),
-            allowed_servers: annotations
-                .and_then(|a| a.get(ALLOWED_SERVERS_ANNOTATION))
-                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
-            values: secret
-                .data
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), value_of(&v.0).map(|value| key.fingerprint(value.as_bytes()))))
-                .collect(),
+            opted_in,
+            allowed_servers,
+            key: data_key.to_owned(),
+            value,
         }
     }
 
@@ -83,9 +106,9 @@ impl Fingerprint {
             return Err(Problem::fix(
                 reason::SERVER_NOT_ALLOWED,
                 format!(
-                    "Secret {ns}/{name} may only be used for {} (its annotation {ALLOWED_SERVERS_ANNOTATION}), \
-                     not for spec.server {}; no request was sent",
-                    allowed.join(", "),
+                    "Secret {ns}/{name} may only be used for {} (its annotation {ALLOWED_SERVERS_ANNOTATION}, \
+                     read up to {MAX_ALLOWED_SERVERS_ANNOTATION} bytes), not for spec.server {}; no request was sent",
+                    crate::text::foreign(&allowed.join(", "), crate::text::MAX_QUOTED_CHARS),
                     ra.spec.server
                 ),
             ));
@@ -97,7 +120,7 @@ impl Fingerprint {
         };
         let missing =
             |what: String| Problem::fix(why, format!("Secret {ns}/{name} {what}; set {field}.key or add the key"));
-        match self.values.get(key) {
+        match self.value.as_ref().filter(|_| self.key == key) {
             None => Err(missing(format!("has no key {key:?}"))),
             Some(Err(why)) => Err(missing(format!("key {key:?} {why}"))),
             Some(Ok(fp)) => Ok(fp),
@@ -146,11 +169,11 @@ pub fn extract(
     let Some(secret) = secret else {
         return Err(not_found(ra));
     };
-    let fingerprint = Fingerprint::of(secret, key);
-    let inputs = inputs_digest(ra, fingerprint.check(ra)?);
     let CredentialSource::Secret { key: data_key, .. } = ra.spec.credential_source() else {
         return Err(no_source(ra));
     };
+    let fingerprint = Fingerprint::of(secret, key, data_key);
+    let inputs = inputs_digest(ra, fingerprint.check(ra)?);
     let raw = secret.data.as_ref().and_then(|d| d.get(data_key)).map(|v| v.0.as_slice());
     let value = raw.and_then(|raw| value_of(raw).ok()).unwrap_or_default();
     Ok((Credentials { client_secret: SecretString::from(value.to_owned()), inputs }, fingerprint))
@@ -266,8 +289,10 @@ mod tests {
         assert!(e.message.contains("kubectl label secret creds registry-access.io/client-secret=true -n billing"));
         assert!(!e.message.contains("password"), "nothing about its keys: {}", e.message);
         s.metadata.labels = Some([(CLIENT_SECRET_LABEL.to_owned(), "false".to_owned())].into());
-        assert_eq!(Fingerprint::of(&s, &key()).check(&ra()).unwrap_err().reason, reason::CLIENT_SECRET_NOT_OPTED_IN);
-        assert_eq!(Fingerprint::of(&s, &key()).inputs(&ra()), None);
+        let fp = Fingerprint::of(&s, &key(), "client_secret");
+        assert_eq!(fp.check(&ra()).unwrap_err().reason, reason::CLIENT_SECRET_NOT_OPTED_IN);
+        assert_eq!(fp.inputs(&ra()), None);
+        assert_eq!(fp.value, None, "nothing of a Secret that did not opt in is fingerprinted");
     }
 
     #[test]

@@ -177,16 +177,16 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
                 None => ClientSecret::Missing,
             })
         }
-        CredentialSource::Secret { name, .. } => {
+        CredentialSource::Secret { name, key: data_key } => {
             let key = Key::new(&namespace, name);
             if ctx.index.secrets_synced(&namespace)
-                && let Some(fingerprint) = ctx.index.fingerprint(&key)
+                && let Some(fingerprint) = ctx.index.fingerprint(&key).filter(|f| f.key == data_key)
             {
                 return Ok(ClientSecret::Found { fingerprint, read: None });
             }
             Ok(match read_secret(ctx, &namespace, name).await? {
                 Some(s) => {
-                    let fingerprint = Arc::new(Fingerprint::of(&s, &ctx.digest_key));
+                    let fingerprint = Arc::new(Fingerprint::of(&s, &ctx.digest_key, data_key));
                     ctx.index.set_fingerprint(key, fingerprint.clone());
                     ClientSecret::Found { fingerprint, read: Some(Box::new(s)) }
                 }

@@ -417,10 +417,40 @@ async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Complet
             // A token that cannot be stored is a failure like any other: it gets a reason and a
             // retry, the previous token stays, and the new one is written on the next try.
             // The message is ours and the API's status only (see `failure::api_summary`).
-            let problem = Problem::transient(reason::SECRET_WRITE_FAILED, e.to_string());
+            let problem = write_problem(&e, ra);
             ctx.states.keep_completed(uid, Completed { inputs: done.inputs, result: Ok(token) });
             Ok(failed(ctx, i, uid, &problem))
         }
+    }
+}
+
+/// The problem of a token Secret write that failed: a refusal someone must fix (403: a missing
+/// right; 422: a field the API will not take) backs off like any error that needs a fix and says
+/// what is wrong; anything else is retried soon.
+fn write_problem(e: &Error, ra: &RegistryAccess) -> Problem {
+    let code = match e {
+        Error::ApplySecret { source: kube::Error::Api(status), .. } => status.code,
+        _ => 0,
+    };
+    let ns = ra.namespace().unwrap_or_default();
+    match code {
+        403 => Problem::fix(
+            reason::SECRET_WRITE_FAILED,
+            format!(
+                "{e}; the operator needs create and patch on secrets in namespace {ns} (its ClusterRole, or a \
+                 policy that refuses it); the token stays as it is and is written once that is fixed"
+            ),
+        ),
+        422 => Problem::fix(
+            reason::SECRET_WRITE_FAILED,
+            format!(
+                "{e}; the Secret {ns}/{} cannot take the token as the operator writes it (for example a Secret \
+                 of another type, or labels or annotations in spec.secret the API refuses): fix spec.secret or \
+                 delete that Secret",
+                ra.token_secret_name()
+            ),
+        ),
+        _ => Problem::transient(reason::SECRET_WRITE_FAILED, e.to_string()),
     }
 }
 
@@ -463,4 +493,25 @@ fn deadline(expires_at: Timestamp, failed_attempt: Duration, now: Timestamp) -> 
 
 fn signed(d: Duration) -> jiff::SignedDuration {
     jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: u16) -> Error {
+        let status = kube::core::Status { code, reason: "Forbidden".into(), ..Default::default() };
+        Error::ApplySecret { namespace: "ns".into(), name: "t".into(), source: kube::Error::Api(Box::new(status)) }
+    }
+
+    #[test]
+    fn a_refused_secret_write_needs_a_fix_and_says_what() {
+        let ra = crate::secret::tests::ra();
+        let p = write_problem(&refused(403), &ra);
+        assert!(!p.transient && p.message.contains("create and patch on secrets"), "{}", p.message);
+        let p = write_problem(&refused(422), &ra);
+        assert!(!p.transient && p.message.contains("spec.secret"), "{}", p.message);
+        assert!(write_problem(&refused(500), &ra).transient);
+        assert!(write_problem(&refused(409), &ra).transient);
+    }
 }

@@ -11,6 +11,9 @@ use crate::api::{CaBundleKind, RegistryAccess};
 use crate::failure::{Error, Problem, reason, within};
 use crate::token;
 
+/// Largest CA bundle read from a ConfigMap or Secret (a few hundred certificates).
+pub const MAX_CA_BUNDLE: usize = 256 * 1024;
+
 /// The extra CA bundle of `ra`: inline, or read from its ConfigMap or Secret. A missing object or
 /// key, or a bundle without a certificate, is a problem for the status; an API error is an error.
 pub async fn read_ca_bundle(
@@ -63,6 +66,12 @@ pub async fn read_ca_bundle(
             }
         }
     };
+    if pem.len() > MAX_CA_BUNDLE {
+        return Ok(Err(problem(format!(
+            "spec.tls: the CA bundle is {} bytes, more than the {MAX_CA_BUNDLE} the operator reads",
+            pem.len()
+        ))));
+    }
     Ok(match token::parse_ca_bundle(&pem) {
         Ok(_) => Ok(Some(pem)),
         Err(e) => Err(problem(format!("spec.tls: {e}"))),
