@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 /// Default most token requests in flight for the whole operator.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// Default most token requests in flight for one namespace, over all the servers it names: one
-/// tenant whose servers never answer holds this many slots for the request timeout, no more.
-pub const DEFAULT_MAX_IN_FLIGHT_PER_NAMESPACE: usize = 8;
+/// tenant whose servers never answer holds this many slots for the request timeout, no more. Twice
+/// the per-server cap, so that inside a namespace a hung server leaves its other servers as many
+/// slots as it holds.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_NAMESPACE: usize = 16;
 /// Default most token requests in flight to one Keycloak server: a hung server holds this many
 /// requests until they time out, and no more.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_SERVER: usize = 8;
@@ -463,6 +465,34 @@ mod tests {
         // 2000 honest requests at 100/s take 20 s; all are done well within the minute.
         assert_eq!(honest_done, 2000, "the honest namespace was starved");
         assert!(hostile_max <= DEFAULT_MAX_IN_FLIGHT_PER_NAMESPACE, "{hostile_max}");
+    }
+
+    #[test]
+    fn inside_a_namespace_a_hung_server_leaves_the_others_slots() {
+        let t0 = Instant::now();
+        let mut q = Queue::new(QueueConfig::default());
+        for i in 0..20 {
+            q.push(ticket("hung", "ns", &format!("h{i}")), "hung");
+        }
+        for i in 0..20 {
+            q.push(ticket("keycloak", "ns", &format!("k{i}")), "keycloak");
+        }
+        let mut now = t0;
+        let mut healthy = 0;
+        // The hung server's requests never end; the healthy server's end at once.
+        while now < t0 + Duration::from_secs(1) {
+            match q.next(now) {
+                Next::Go(d) if d.job == "keycloak" => {
+                    healthy += 1;
+                    q.done(&d.ticket);
+                }
+                Next::Go(_) => {}
+                Next::WaitUntil(t) => now = t,
+                Next::Idle => break,
+            }
+        }
+        assert_eq!(healthy, 20);
+        assert_eq!(q.in_flight_of("ns"), DEFAULT_MAX_IN_FLIGHT_PER_SERVER);
     }
 
     #[test]
