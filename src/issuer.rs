@@ -305,7 +305,7 @@ impl Issuer {
             queued,
             pace_per_second = self.config.per_server_per_second,
             "token requests start late: demand on this Keycloak server is near the pace; raise \
-             --max-requests-per-second-per-server (sizing: objects x 1.5 / token lifetime in seconds)"
+             --max-requests-per-second-per-server (sizing: objects / (token lifetime - renewBefore) in seconds)"
         );
     }
 }
