@@ -2,7 +2,7 @@
 //! apply under the operator's one field manager, each within the API time limit.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -11,10 +11,32 @@ use crate::failure::{Error, within};
 use crate::reconcile::Context;
 use crate::secret::{MANAGED_BY_LABEL, MANAGER, RETIRED_ANNOTATION};
 
-/// Applies the token Secret; returns its new resourceVersion.
-pub async fn token_secret(ctx: &Context, ra: &RegistryAccess, desired: &Secret) -> Result<String, Error> {
+/// Applies the token Secret; returns its new resourceVersion. With `create`, the Secret was not
+/// there when it was read: it is first created, empty but for what the operator always sets (its
+/// label and owner), with a create that fails if the Secret exists by now. So a Secret someone
+/// else created since the read is never taken over: the next reconcile finds it foreign.
+pub async fn token_secret(ctx: &Context, ra: &RegistryAccess, desired: &Secret, create: bool) -> Result<String, Error> {
     let (namespace, name) = (ra.namespace().unwrap_or_default(), ra.token_secret_name());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    if create {
+        let husk = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                labels: Some([(MANAGED_BY_LABEL.to_owned(), MANAGER.to_owned())].into()),
+                owner_references: ra.controller_owner_ref(&()).map(|r| vec![r]),
+                ..Default::default()
+            },
+            type_: desired.type_.clone(),
+            ..Default::default()
+        };
+        let params = PostParams { field_manager: Some(MANAGER.to_owned()), ..PostParams::default() };
+        within(ctx.api_timeout, api.create(&params, &husk)).await.map_err(|source| Error::CreateSecret {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    }
     let written =
         within(ctx.api_timeout, api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(desired)))
             .await

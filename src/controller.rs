@@ -142,6 +142,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(event) => {
+                index_ctx.metrics.watch_event("registryaccesses");
                 follow_object(&index_ctx, event);
                 index_ctx.metrics.set_objects(counted.len());
             }
@@ -295,11 +296,12 @@ fn service_account_triggers(
     let event = match event {
         Ok(event) => event,
         Err(e) => {
-            ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), false);
             ctx.watch_failed("serviceaccounts", &e);
+            ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), false);
             return Vec::new();
         }
     };
+    ctx.metrics.watch_event("serviceaccounts");
     let changed: Vec<Key> = match event {
         Event::Init => {
             ctx.index.service_accounts_relist_begin(scope.clone());
@@ -316,7 +318,7 @@ fn service_account_triggers(
             vec![key]
         }
         Event::InitDone => {
-            ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), true);
+            let _ = ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), true);
             ctx.index.service_accounts_relist_end(scope)
         }
     };
@@ -338,11 +340,21 @@ fn secret_triggers(
     let event = match event {
         Ok(event) => event,
         Err(e) => {
-            ctx.index.set_synced(Watched::Secrets, scope.clone(), false);
             ctx.watch_failed("secrets", &e);
-            return Vec::new();
+            // Every object of the scope looks again now, reading its Secrets from the API (and
+            // again at least every minute while the watch is away).
+            if !ctx.index.set_synced(Watched::Secrets, scope.clone(), false) {
+                return Vec::new();
+            }
+            return ctx
+                .index
+                .objects_in(scope)
+                .into_iter()
+                .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
+                .collect();
         }
     };
+    ctx.metrics.watch_event("secrets");
     let (changed, version): (Vec<Key>, Option<String>) = match event {
         Event::Init => {
             ctx.index.relist_begin(scope.clone());
@@ -364,7 +376,7 @@ fn secret_triggers(
             (vec![key], None)
         }
         Event::InitDone => {
-            ctx.index.set_synced(Watched::Secrets, scope.clone(), true);
+            let _ = ctx.index.set_synced(Watched::Secrets, scope.clone(), true);
             (ctx.index.relist_end(scope), None)
         }
     };

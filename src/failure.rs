@@ -113,6 +113,8 @@ pub enum Error {
     ReadServiceAccount { namespace: String, name: String, source: kube::Error },
     #[error("reading the CA bundle {kind} {namespace}/{name}: {}", api_summary(source))]
     ReadCaBundle { kind: &'static str, namespace: String, name: String, source: kube::Error },
+    #[error("creating token Secret {namespace}/{name}: {}", api_summary(source))]
+    CreateSecret { namespace: String, name: String, source: kube::Error },
     #[error("writing token Secret {namespace}/{name}: {}", api_summary(source))]
     ApplySecret { namespace: String, name: String, source: kube::Error },
     #[error("retiring former token Secret {namespace}/{name}: {}", api_summary(source))]
@@ -197,6 +199,7 @@ impl Error {
         "read_client_secret",
         "read_service_account",
         "read_ca_bundle",
+        "create_secret",
         "apply_secret",
         "retire_secret",
         "apply_status",
@@ -210,6 +213,7 @@ impl Error {
             Self::ReadClientSecret { .. } => "read_client_secret",
             Self::ReadServiceAccount { .. } => "read_service_account",
             Self::ReadCaBundle { .. } => "read_ca_bundle",
+            Self::CreateSecret { .. } => "create_secret",
             Self::ApplySecret { .. } => "apply_secret",
             Self::RetireSecret { .. } => "retire_secret",
             Self::ApplyStatus { .. } => "apply_status",

@@ -282,14 +282,16 @@ impl Index {
         self.read().service_accounts.len()
     }
 
-    /// A watch of `scope` finished a listing (`true`) or failed (`false`).
-    pub fn set_synced(&self, watched: Watched, scope: Option<String>, synced: bool) {
+    /// A watch of `scope` finished a listing (`true`) or failed (`false`); returns true when that
+    /// changed whether it is in sync.
+    pub fn set_synced(&self, watched: Watched, scope: Option<String>, synced: bool) -> bool {
         let mut inner = self.write();
-        if synced {
-            inner.synced.insert((watched, scope));
-        } else {
-            inner.synced.remove(&(watched, scope));
-        }
+        if synced { inner.synced.insert((watched, scope)) } else { inner.synced.remove(&(watched, scope)) }
+    }
+
+    /// The objects of `scope` the index knows.
+    pub fn objects_in(&self, scope: &Option<String>) -> Vec<Key> {
+        self.read().of_object.keys().filter(|k| in_scope(scope, k)).cloned().collect()
     }
 
     fn synced(&self, watched: Watched, namespace: &str) -> bool {
@@ -410,11 +412,12 @@ mod tests {
     fn a_watch_is_trusted_only_between_a_listing_and_its_next_error() {
         let ix = Index::default();
         assert!(!ix.secrets_synced("ns"));
-        ix.set_synced(Watched::Secrets, Some("ns".into()), true);
+        let _ = ix.set_synced(Watched::Secrets, Some("ns".into()), true);
         assert!(ix.secrets_synced("ns") && !ix.secrets_synced("other") && !ix.service_accounts_synced("ns"));
-        ix.set_synced(Watched::Secrets, Some("ns".into()), false);
+        assert!(ix.set_synced(Watched::Secrets, Some("ns".into()), false), "a change");
+        assert!(!ix.set_synced(Watched::Secrets, Some("ns".into()), false), "no change");
         assert!(!ix.secrets_synced("ns"));
-        ix.set_synced(Watched::ServiceAccounts, None, true);
+        let _ = ix.set_synced(Watched::ServiceAccounts, None, true);
         assert!(ix.service_accounts_synced("any"));
     }
 

@@ -204,7 +204,13 @@ impl Issuer {
 
     /// Drops the queued request of a deleted object.
     pub fn cancel(&self, uid: &str) {
-        self.queue().cancel(uid);
+        let left = {
+            let mut q = self.queue();
+            q.cancel(uid).map(|_| q.len())
+        };
+        if let Some(n) = left {
+            self.metrics.set_queued(n);
+        }
     }
 
     /// Dispatches requests until the process ends.
@@ -323,8 +329,8 @@ mod tests {
 
     fn synced_index() -> Index {
         let index = Index::default();
-        index.set_synced(Watched::Secrets, None, true);
-        index.set_synced(Watched::ServiceAccounts, None, true);
+        let _ = index.set_synced(Watched::Secrets, None, true);
+        let _ = index.set_synced(Watched::ServiceAccounts, None, true);
         index
     }
 

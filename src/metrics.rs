@@ -76,6 +76,7 @@ pub struct Metrics {
     undecodable: Gauge<i64>,
     withdrawn: Family<WhyLabels, Counter>,
     watch_errors: Family<WatchLabels, Counter>,
+    watch_events: Family<WatchLabels, Counter>,
     /// Serializes rendering (the registry's encoder needs exclusive access to nothing, but one
     /// scrape at a time keeps the output consistent).
     render: Mutex<()>,
@@ -187,8 +188,15 @@ impl Metrics {
             "Errors of the operator's watches, by resource; while a watch is in error the objects it concerns are read from the API",
             watch_errors.clone(),
         );
+        let watch_events = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "watch_events",
+            "Events the operator's watches delivered, by resource (a sign that the operator has seen a change)",
+            watch_events.clone(),
+        );
         for resource in ["registryaccesses", "secrets", "serviceaccounts"] {
             let _ = watch_errors.get_or_create(&WatchLabels { resource: resource.to_owned() });
+            let _ = watch_events.get_or_create(&WatchLabels { resource: resource.to_owned() });
         }
         Self {
             registry,
@@ -211,6 +219,7 @@ impl Metrics {
             undecodable,
             withdrawn,
             watch_errors,
+            watch_events,
             render: Mutex::new(()),
         }
     }
@@ -314,6 +323,11 @@ impl Metrics {
     /// A queued token request was dropped unsent.
     pub fn request_withdrawn(&self, why: &str) {
         self.withdrawn.get_or_create(&WhyLabels { why: why.to_owned() }).inc();
+    }
+
+    /// A watch of `resource` delivered an event.
+    pub fn watch_event(&self, resource: &str) {
+        self.watch_events.get_or_create(&WatchLabels { resource: resource.to_owned() }).inc();
     }
 
     /// A watch of `resource` failed.

@@ -33,6 +33,8 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
 /// While a request is queued or in flight, the object is looked at this often anyway (its outcome
 /// triggers a reconcile at once; this only bounds the wait if that were lost).
 const PENDING_RECHECK: Duration = Duration::from_secs(60);
+/// While the Secret watch of an object's namespace is in error, the object is looked at this often.
+const WATCH_LOST_RECHECK: Duration = Duration::from_secs(60);
 /// A request queued this long ago without an outcome shows in the status (`Issuing`).
 const QUEUED_FIRST_LOOK: Duration = Duration::from_secs(5);
 
@@ -352,6 +354,13 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
         Some(e) if e > now => next.min(e),
         _ => next,
     };
+    // While the Secret watch of the namespace is away, nothing tells the object that its Secrets
+    // changed: it looks (reading them) at least this often.
+    let next = if ctx.index.secrets_synced(&ra.namespace().unwrap_or_default()) {
+        next
+    } else {
+        next.min(now + signed(WATCH_LOST_RECHECK))
+    };
     let wait = Duration::try_from(next.duration_since(now)).unwrap_or(Duration::ZERO);
     debug!(requeue_after_secs = wait.as_secs(), "next look");
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
@@ -365,7 +374,7 @@ async fn keep(ra: &RegistryAccess, ctx: &Context, token: &read::TokenSecret) -> 
     let desired = secret::build(ra, &full, inputs.as_deref().unwrap_or_default());
     let resource_version = if secret::needs_apply(&desired, live) {
         info!(secret = %ra.token_secret_name(), "restoring token Secret");
-        apply::token_secret(ctx, ra, &desired).await?
+        apply::token_secret(ctx, ra, &desired, false).await?
     } else {
         live.metadata.resource_version.clone().unwrap_or_default()
     };
@@ -398,7 +407,8 @@ async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Complet
         Ok(token) => token,
     };
     let desired = secret::build(ra, &token, &done.inputs);
-    match apply::token_secret(ctx, ra, &desired).await {
+    let create = matches!(i.observed, Observed::Missing);
+    match apply::token_secret(ctx, ra, &desired, create).await {
         Ok(resource_version) => {
             let facts = token.facts();
             info!(
@@ -430,6 +440,13 @@ async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Complet
 fn write_problem(e: &Error, ra: &RegistryAccess) -> Problem {
     let code = match e {
         Error::ApplySecret { source: kube::Error::Api(status), .. } => status.code,
+        Error::CreateSecret { source: kube::Error::Api(status), .. } if status.code == 409 => {
+            return Problem::transient(
+                reason::SECRET_CONFLICT,
+                format!("{e}: someone else created it since it was read; it is left untouched"),
+            );
+        }
+        Error::CreateSecret { source: kube::Error::Api(status), .. } => status.code,
         _ => 0,
     };
     let ns = ra.namespace().unwrap_or_default();
@@ -513,5 +530,14 @@ mod tests {
         assert!(!p.transient && p.message.contains("spec.secret"), "{}", p.message);
         assert!(write_problem(&refused(500), &ra).transient);
         assert!(write_problem(&refused(409), &ra).transient);
+        let status = kube::core::Status { code: 409, reason: "AlreadyExists".into(), ..Default::default() };
+        let taken = Error::CreateSecret {
+            namespace: "ns".into(),
+            name: "t".into(),
+            source: kube::Error::Api(Box::new(status)),
+        };
+        let p = write_problem(&taken, &ra);
+        assert_eq!(p.reason, reason::SECRET_CONFLICT);
+        assert!(p.message.contains("left untouched"), "{}", p.message);
     }
 }

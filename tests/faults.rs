@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::secret::{EXPIRES_AT_ANNOTATION, TOKEN_DIGEST_ANNOTATION, token_digest};
 use serde_json::{Value, json};
@@ -454,6 +454,88 @@ async fn an_unwritable_secret_is_reported(env: Arc<Env>) -> Result<()> {
     c.finish().await
 }
 
+/// The operator loses list and watch on Secrets (its ClusterRole narrowed, its watches
+/// restarted): the watch errors show in a metric and a log line, and a deleted token Secret is
+/// still restored, read from the API instead of trusted from what the broken watch last showed.
+async fn a_lost_secret_watch_is_noticed_and_tokens_are_still_restored(env: Arc<Env>) -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let admin = env.cluster.client().await?;
+    let user = "e2e-rao-revocable";
+    let rules = |secret_verbs: &[&str]| {
+        json!([
+            {"apiGroups": ["registry-access.io"], "resources": ["registryaccesses"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["registry-access.io"], "resources": ["registryaccesses/status"], "verbs": ["get", "patch", "update"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": secret_verbs},
+            {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        ])
+    };
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let apply = PatchParams::apply("e2e").force();
+    let role = |verbs: &[&str]| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": user}, "rules": rules(verbs)})
+    };
+    roles.patch(user, &apply, &Patch::Apply(role(&["get", "list", "watch", "create", "patch", "update"]))).await?;
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
+    Api::<ClusterRoleBinding>::all(admin.clone()).patch(user, &apply, &Patch::Apply(binding)).await?;
+    let pair = env.cluster.ca.client(user, &[])?;
+    let kubeconfig = env.path().join(format!("{user}.kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        support::cluster::kubeconfig_with_cert(&env.cluster.server, &env.cluster.ca_pem, user, &pair),
+    )?;
+
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_kubeconfig(env.clone(), "revoked", &kubeconfig, &[probe.as_str()], &[]).await?;
+    let (client_id, _) = c.client_with_creds("revoked", None).await?;
+    c.ra("kept", c.spec(c.kc(), &client_id, "creds")).await?;
+    let first = c.ready("kept").await?;
+    let errors = "registry_access_watch_errors_total{resource=\"secrets\"}";
+    assert_eq!(
+        sample(&scrape_until(port, "the watch error series", |t| sample(t, errors).is_some()).await?, errors),
+        Some(0.0)
+    );
+
+    // Narrowed: get, create and patch only; the watches reconnect after a control-plane restart.
+    roles.patch(user, &apply, &Patch::Apply(role(&["get", "create", "patch", "update"]))).await?;
+    env.cluster.restart_control_plane().await?;
+    scrape_until(port, "a Secret watch error", |t| sample(t, errors).is_some_and(|v| v >= 1.0)).await?;
+    wait_until("the watch error logged", Duration::from_secs(30), || async {
+        c.operator.logs().contains("watch failed")
+    })
+    .await?;
+
+    // A token Secret deleted now is not seen by any watch: it is restored all the same.
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.ns);
+    let t = Instant::now();
+    secrets.delete("kept-token", &Default::default()).await?;
+    wait_until("the deleted token Secret restored", Duration::from_secs(120), || async {
+        secrets
+            .get_opt("kept-token")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.data.is_some_and(|d| d.contains_key("access_token")))
+    })
+    .await?;
+    eprintln!(
+        "[faults] with the Secret watch lost, a deleted token Secret restored after {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let s = c.ready("kept").await?;
+    assert!(s.issued_at > first.issued_at, "the restored Secret holds the old token");
+    roles.delete(user, &Default::default()).await?;
+    Api::<ClusterRoleBinding>::all(admin).delete(user, &Default::default()).await?;
+    c.finish().await
+}
+
 fn main() {
     support::harness::run(
         "faults",
@@ -465,6 +547,7 @@ fn main() {
             sigkill_mid_batch_loses_nothing,
             an_unwritable_secret_is_reported,
             control_plane_restart_is_survived,
+            a_lost_secret_watch_is_noticed_and_tokens_are_still_restored,
         ],
         1,
     )

@@ -340,3 +340,17 @@ async fn a_reset_connection_is_told_in_our_words() {
     assert!(matches!(err, TokenError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains("closed or reset"), "{err}");
 }
+
+#[tokio::test]
+async fn a_long_location_is_quoted_cut_and_an_escape_refused() {
+    let location = format!("https://x.example/{}", "a".repeat(100 * 1024));
+    let (url, _) = server(Answer::Respond(302, vec![("Location".into(), location)], vec![])).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TokenError::Redirect { status: 302, .. }), "{err:?}");
+    assert!(text.chars().count() < 400 && text.contains('…'), "{text}");
+    // A control character is not allowed in a header: the answer is refused whole.
+    let (url, _) = server(Answer::Respond(302, vec![("Location".into(), "https://x/\u{1b}[2J".into())], vec![])).await;
+    let err = request(&url, ClientAuthMethod::ClientSecretPost, &[]).await.unwrap_err();
+    assert!(matches!(err, TokenError::Connect { .. }) && !err.to_string().contains('\u{1b}'), "{err:?}");
+}

@@ -39,13 +39,25 @@ impl Case {
 
     /// A case whose operator gets `extra` arguments and `envs` environment variables.
     pub async fn with_operator_env(env: Arc<Env>, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
+        let kubeconfig = env.cluster.kubeconfig.clone();
+        Self::with_kubeconfig(env, name, &kubeconfig, extra, envs).await
+    }
+
+    /// A case whose operator runs with the identity of `kubeconfig` (the test itself stays admin).
+    pub async fn with_kubeconfig(
+        env: Arc<Env>,
+        name: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
         let client = env.cluster.client().await?;
         let ns = format!("e2e-{name}");
         k8s::create_namespace(&client, &ns).await?;
         let mut args = vec!["--namespace", ns.as_str()];
         args.extend_from_slice(extra);
         let log = env.path().join(format!("operator-{name}.log"));
-        let operator = Operator::start_with_env(&env.cluster.kubeconfig, &log, &args, envs)?;
+        let operator = Operator::start_with_env(kubeconfig, &log, &args, envs)?;
         Ok(Self { env, client, ns, operator, sensitive: Mutex::new(BTreeSet::new()) })
     }
 
