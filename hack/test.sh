@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, unit tests, the
 # token-client tests, fuzzing, and the end-to-end, faults, isolation and chart suites on a real control plane
-# and Keycloak, and alongside them the node suite (real kubelets; as root). Prints each phase's
+# and Keycloak, and alongside them the tenants suite (hostile namespaces) and the node suite (real
+# kubelets; as root). Prints each phase's
 # duration and, last, one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,13 +43,23 @@ node_log=$(mktemp)
 trap 'rm -f "$log" "$node_log"' EXIT
 ( log=/dev/null; phase "node suite (kubelets, containerd, the chart's pods, workload pods)" cargo test --locked --test node ) >"$node_log" 2>&1 &
 node_pid=$!
+# The tenants suite (hostile namespaces, about four minutes, mostly waiting for tokens to age) has
+# its own environment too and runs alongside.
+tenants_log=$(mktemp)
+trap 'rm -f "$log" "$node_log" "$tenants_log"' EXIT
+( log=/dev/null; phase "tenants suite (hostile namespaces beside an honest one)" cargo test --locked --test tenants ) >"$tenants_log" 2>&1 &
+tenants_pid=$!
 others=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)
-  [[ $t == node ]] || others+=(--test "$t")
+  [[ $t == node || $t == tenants ]] || others+=(--test "$t")
 done
 phase "cargo test (unit, CRD drift, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" \
   cargo test --locked --lib --bins --examples "${others[@]}"
+wait "$tenants_pid" || true
+cat "$tenants_log"
+cat "$tenants_log" >>"$log"
+grep -q '^<== tenants suite.*: ok' "$tenants_log" || status=1
 wait "$node_pid" || true
 cat "$node_log"
 cat "$node_log" >>"$log"
