@@ -516,7 +516,9 @@ async fn a_lost_secret_watch_is_noticed_and_tokens_are_still_restored(env: Arc<E
     let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.ns);
     let t = Instant::now();
     secrets.delete("kept-token", &Default::default()).await?;
-    wait_until("the deleted token Secret restored", Duration::from_secs(120), || async {
+    // Within the minute an object looks again while its Secret watch is away (without that, the
+    // next look is the renewal, two minutes away).
+    wait_until("the deleted token Secret restored", Duration::from_secs(75), || async {
         secrets
             .get_opt("kept-token")
             .await
