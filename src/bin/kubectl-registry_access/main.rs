@@ -66,7 +66,8 @@ enum Command {
         /// Every object of the namespace (or of all namespaces with -A).
         #[arg(long, conflicts_with = "name")]
         all: bool,
-        /// Wait until each object holds a token issued after the request.
+        /// Wait until each object's status shows a token issued later than the one it held when
+        /// asked (its Secret holds it by then).
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds.
