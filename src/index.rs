@@ -155,9 +155,14 @@ impl Index {
         self.read().secrets.get(secret).cloned()
     }
 
-    /// Records a Secret the watch saw; true when it is new or its version changed.
+    /// Records a Secret the watch saw, if an object names it or it is a live token Secret (nothing
+    /// is kept of the others, so memory follows the Secrets the operator serves); true when it is
+    /// new or its version changed.
     pub fn secret_applied(&self, secret: Key, meta: SecretMeta) -> bool {
         let mut inner = self.write();
+        if meta.token_of.is_none() && !inner.by_secret.contains_key(&secret) {
+            return Self::forget_secret(&mut inner, &secret);
+        }
         for (scope, seen) in inner.relisting.iter_mut() {
             if in_scope(scope, &secret) {
                 seen.insert(secret.clone());
@@ -176,6 +181,19 @@ impl Index {
             }
         }
         old != Some(meta)
+    }
+
+    /// Records a Secret read from the API that an object names, unless the watch already shows
+    /// it (the watch's view is never replaced by a read that may be older).
+    pub fn secret_read(&self, secret: Key, meta: SecretMeta) {
+        let mut inner = self.write();
+        if inner.secrets.contains_key(&secret) || (meta.token_of.is_none() && !inner.by_secret.contains_key(&secret)) {
+            return;
+        }
+        if let Some(owner) = &meta.token_of {
+            inner.token_secrets.entry(owner.clone()).or_default().insert(secret.clone());
+        }
+        inner.secrets.insert(secret, meta);
     }
 
     /// Forgets a deleted Secret; true when it was known.
@@ -423,7 +441,7 @@ mod tests {
 
     #[test]
     fn a_fingerprint_is_valid_for_its_version_only() {
-        let ix = Index::default();
+        let ix = naming("ns", &["creds"]);
         let k = Key::new("ns", "creds");
         let fp = |rv: &str| Arc::new(Fingerprint { resource_version: rv.into(), ..Fingerprint::default() });
         ix.set_fingerprint(k.clone(), fp("1"));
@@ -461,9 +479,38 @@ mod tests {
         assert!(ix.referrers(&Key::new("ns", "rotated")).is_empty());
     }
 
+    /// An index in which object `ra` of namespace `ns` names each of `secrets` as client Secret.
+    fn naming(ns: &str, secrets: &[&str]) -> Index {
+        let ix = Index::default();
+        for (i, s) in secrets.iter().enumerate() {
+            ix.set_object(Key::new(ns, &format!("ra-{i}")), &format!("uid-{i}"), &[((*s).to_owned(), Role::Client)]);
+        }
+        ix
+    }
+
+    #[test]
+    fn unnamed_secrets_cost_nothing() {
+        let ix = naming("ns", &["creds"]);
+        for i in 0..1000 {
+            assert!(!ix.secret_applied(Key::new("ns", &format!("other-{i}")), meta("1")));
+        }
+        assert!(ix.secret_applied(Key::new("ns", "creds"), meta("1")));
+        assert!(ix.secret_applied(Key::new("ns", "x-token"), token_meta("1", Some("uid-x"))), "a live token Secret");
+        assert_eq!(ix.secrets(), 2);
+        // A read is kept for a named Secret the watch has not shown, and never replaces the watch.
+        let ix = naming("ns", &["creds", "late"]);
+        ix.secret_read(Key::new("ns", "late"), meta("5"));
+        ix.secret_read(Key::new("ns", "unnamed"), meta("5"));
+        assert_eq!(ix.secret(&Key::new("ns", "late")).unwrap().resource_version, "5");
+        assert!(ix.secret(&Key::new("ns", "unnamed")).is_none());
+        ix.secret_applied(Key::new("ns", "late"), meta("7"));
+        ix.secret_read(Key::new("ns", "late"), meta("6"));
+        assert_eq!(ix.secret(&Key::new("ns", "late")).unwrap().resource_version, "7");
+    }
+
     #[test]
     fn secret_versions_change_once_and_deletions_are_noticed() {
-        let ix = Index::default();
+        let ix = naming("ns", &["creds"]);
         let k = Key::new("ns", "creds");
         assert!(ix.secret_applied(k.clone(), meta("1")));
         assert!(!ix.secret_applied(k.clone(), meta("1")), "the same version again is no change");
@@ -475,7 +522,8 @@ mod tests {
 
     #[test]
     fn a_relist_prunes_what_was_deleted_while_the_watch_was_away() {
-        let ix = Index::default();
+        let ix = naming("a", &["kept", "gone"]);
+        ix.set_object(Key::new("b", "ra"), "uid-b", &[("other".into(), Role::Client)]);
         for (ns, name) in [("a", "kept"), ("a", "gone"), ("b", "other")] {
             ix.secret_applied(Key::new(ns, name), meta("1"));
         }

@@ -327,8 +327,10 @@ mod tests {
         SecretMeta { uid: "u".into(), resource_version: rv.into(), token_of: None }
     }
 
+    /// An index whose watches are in sync, with an object naming the Secret `creds`.
     fn synced_index() -> Index {
         let index = Index::default();
+        index.set_object(Key::new("ns", "ra"), "uid", &[("creds".into(), Role::Client)]);
         let _ = index.set_synced(Watched::Secrets, None, true);
         let _ = index.set_synced(Watched::ServiceAccounts, None, true);
         index

@@ -214,11 +214,20 @@ pub fn service_account_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v
 /// Reads a credential Secret, value included.
 async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    within(ctx.api_timeout, api.get_opt(name)).await.map_err(|source| Error::ReadClientSecret {
+    let read = within(ctx.api_timeout, api.get_opt(name)).await.map_err(|source| Error::ReadClientSecret {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         source,
-    })
+    })?;
+    if let Some(s) = &read {
+        let meta = crate::index::SecretMeta {
+            uid: s.metadata.uid.clone().unwrap_or_default(),
+            resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
+            token_of: secret::token_owner(&s.metadata),
+        };
+        ctx.index.secret_read(Key::new(namespace, name), meta);
+    }
+    Ok(read)
 }
 
 /// A problem the spec alone shows before any request: plain http without the flag, or a server
