@@ -516,6 +516,82 @@ fn signed(d: Duration) -> jiff::SignedDuration {
 mod tests {
     use super::*;
 
+    /// A context whose Kubernetes client is a mock that no test here calls.
+    fn context() -> Context {
+        let (mock, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let client = Client::new(mock, "default");
+        let (metrics, states, index) =
+            (Arc::new(Metrics::new()), Arc::new(States::default()), Arc::new(Index::default()));
+        let shared = crate::issuer::Shared {
+            tokens: crate::token::TokenClient::new(Default::default()).expect("token client"),
+            metrics: metrics.clone(),
+            states: states.clone(),
+            index: index.clone(),
+            policy: Policy::default(),
+        };
+        let (issuer, _finished) = Issuer::new(Default::default(), shared);
+        let settings = Settings {
+            api_timeout: Duration::from_secs(1),
+            policy: Policy::default(),
+            digest_key: DigestKey::from_bytes([7; 32]),
+            mount_delay: Duration::from_secs(90),
+            failed_attempt: Duration::from_secs(17),
+            instance: None,
+        };
+        Context::new(client, metrics, (states, index), issuer, settings)
+    }
+
+    fn failure() -> decide::Failure {
+        decide::Failure {
+            attempts: 1,
+            at: Timestamp::now(),
+            retry_at: Timestamp::now(),
+            inputs: None,
+            reason: reason::KEYCLOAK_UNAVAILABLE,
+            message: "down".into(),
+        }
+    }
+
+    /// The watch's Delete is handled while a reconcile of the object runs; the reconcile then
+    /// writes what it found (series, a failure, an API backoff from its error policy). When it
+    /// ends, nothing of the object is left.
+    #[tokio::test]
+    async fn a_delete_during_a_reconcile_leaves_no_state_or_series() {
+        let ctx = context();
+        let key = Key::new("ns", "ra");
+        ctx.set_live(key.clone(), "uid-1");
+        ctx.forget(&key, Some("uid-1"));
+        ctx.metrics.set_object("ns", "ra", Some(1_900_000_000), true, None);
+        ctx.metrics.set_degraded("ns", "ra", Some(reason::KEYCLOAK_UNAVAILABLE));
+        ctx.states.set_failure("uid-1", Some(failure()));
+        ctx.states.api_failed("uid-1", 0.0);
+        assert!(ctx.metrics.render().contains("name=\"ra\""), "the reconcile's writes are there before it settles");
+        ctx.settle(&key, "uid-1");
+        let text = ctx.metrics.render();
+        assert!(!text.contains("name=\"ra\""), "series of a deleted object remain:\n{text}");
+        assert!(ctx.states.is_empty(), "state of a deleted object remains");
+    }
+
+    /// An object deleted and created again under the same name: the old object's reconcile
+    /// settles its own state only; the new object's series stay.
+    #[tokio::test]
+    async fn a_late_reconcile_of_a_replaced_object_leaves_the_new_one_alone() {
+        let ctx = context();
+        let key = Key::new("ns", "ra");
+        ctx.set_live(key.clone(), "uid-1");
+        ctx.forget(&key, Some("uid-1"));
+        ctx.set_live(key.clone(), "uid-2");
+        ctx.metrics.set_object("ns", "ra", Some(1_900_000_000), true, None);
+        ctx.states.set_failure("uid-1", Some(failure()));
+        ctx.states.set_failure("uid-2", Some(failure()));
+        ctx.settle(&key, "uid-1");
+        assert!(ctx.metrics.render().contains("name=\"ra\""), "the new object's series went");
+        assert!(ctx.states.failure("uid-1").is_none() && ctx.states.failure("uid-2").is_some());
+        ctx.settle(&key, "uid-2");
+        assert!(ctx.states.failure("uid-2").is_some(), "a live object keeps its state");
+    }
+
     fn refused(code: u16) -> Error {
         let status = kube::core::Status { code, reason: "Forbidden".into(), ..Default::default() };
         Error::ApplySecret { namespace: "ns".into(), name: "t".into(), source: kube::Error::Api(Box::new(status)) }
