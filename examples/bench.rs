@@ -63,6 +63,7 @@ const BENCH_MANAGER: &str = "registry-access-bench";
 const RAISED_ARGS: &[&str] = &[
     "--max-requests-per-second-per-server=100000",
     "--max-requests-in-flight=64",
+    "--max-requests-in-flight-per-namespace=64",
     "--max-requests-in-flight-per-server=64",
     "--concurrency=64",
 ];
