@@ -1219,19 +1219,6 @@ async fn dashboard_and_alerts_use_only_exported_metrics(env: Arc<Env>) -> Result
     c.finish().await
 }
 
-/// Runs the kubectl plugin with `kubeconfig`; returns (success, stdout, stderr).
-fn plugin(kubeconfig: &std::path::Path, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-registry_access"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
 /// `kubectl registry-access`: `status` shows the objects Ready with their roles, `renew --all
 /// --wait` gives exactly one new token per object (Keycloak's grant count), `inspect` prints the
 /// claims and neither the token nor the client secret, `check` names the Lease holder, and a

@@ -602,19 +602,6 @@ async fn tls_origin(ca: &support::pki::Ca, name: &str) -> Result<(String, JoinHa
     Ok((format!("https://127.0.0.1:{port}/auth"), task))
 }
 
-/// Runs the kubectl plugin with `kubeconfig`; returns (success, stdout, stderr).
-fn plugin(kubeconfig: &std::path::Path, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-registry_access"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
 /// A token server that answers each request with a valid-looking token after `delay`.
 async fn slow_token_server(delay: Duration) -> Result<(String, JoinHandle<()>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;

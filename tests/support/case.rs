@@ -334,3 +334,18 @@ pub async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
         .and_then(|l| l.spec?.holder_identity)
         .filter(|h| !h.is_empty())
 }
+
+/// Runs the kubectl plugin with `kubeconfig`; returns (success, stdout, stderr).
+pub fn plugin(kubeconfig: &std::path::Path, args: &[&str]) -> Result<(bool, String, String)> {
+    // Given to tests by cargo; beside the operator's binary otherwise (the examples).
+    let exe = option_env!("CARGO_BIN_EXE_kubectl-registry_access")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| super::operator::binary().with_file_name("kubectl-registry_access"));
+    let out =
+        std::process::Command::new(exe).arg(format!("--kubeconfig={}", kubeconfig.display())).args(args).output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
