@@ -117,7 +117,7 @@ impl Index {
     /// Records which Secrets an object names, replacing what it named before.
     pub fn set_object(&self, object: Key, uid: &str, secrets: &[(String, Role)]) {
         let mut inner = self.write();
-        Self::unlink(&mut inner, &object);
+        let before = Self::unlink(&mut inner, &object);
         let links: Vec<(Key, Role)> =
             secrets.iter().map(|(name, role)| (Key::new(&object.namespace, name), *role)).collect();
         for (secret, role) in &links {
@@ -128,19 +128,39 @@ impl Index {
             });
         }
         inner.of_object.insert(object, links);
+        Self::drop_unnamed(&mut inner, before);
     }
 
     pub fn remove_object(&self, object: &Key) {
-        Self::unlink(&mut self.write(), object);
+        let mut inner = self.write();
+        let before = Self::unlink(&mut inner, object);
+        Self::drop_unnamed(&mut inner, before);
     }
 
-    fn unlink(inner: &mut Inner, object: &Key) {
-        for (secret, _) in inner.of_object.remove(object).unwrap_or_default() {
-            if let Some(refs) = inner.by_secret.get_mut(&secret) {
+    /// Removes what `object` names; returns the Secrets and ServiceAccounts it named.
+    fn unlink(inner: &mut Inner, object: &Key) -> Vec<Key> {
+        let named = inner.of_object.remove(object).unwrap_or_default();
+        for (secret, _) in &named {
+            if let Some(refs) = inner.by_secret.get_mut(secret) {
                 refs.retain(|r| &r.object != object);
                 if refs.is_empty() {
-                    inner.by_secret.remove(&secret);
+                    inner.by_secret.remove(secret);
                 }
+            }
+        }
+        named.into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Forgets what is kept of Secrets and ServiceAccounts that no object names any more (live
+    /// token Secrets excepted: they are followed for their object until they go).
+    fn drop_unnamed(inner: &mut Inner, keys: Vec<Key>) {
+        for key in keys {
+            if inner.by_secret.contains_key(&key) {
+                continue;
+            }
+            inner.service_accounts.remove(&key);
+            if inner.secrets.get(&key).is_some_and(|m| m.token_of.is_none()) {
+                Self::forget_secret(inner, &key);
             }
         }
     }
@@ -506,6 +526,13 @@ mod tests {
         ix.secret_applied(Key::new("ns", "late"), meta("7"));
         ix.secret_read(Key::new("ns", "late"), meta("6"));
         assert_eq!(ix.secret(&Key::new("ns", "late")).unwrap().resource_version, "7");
+        // Named no more: forgotten; still named after an update of the object: kept.
+        ix.set_object(Key::new("ns", "ra-1"), "uid-1", &[("late".into(), Role::Client)]);
+        assert!(ix.secret(&Key::new("ns", "late")).is_some());
+        ix.set_object(Key::new("ns", "ra-1"), "uid-1", &[("other".into(), Role::Client)]);
+        assert!(ix.secret(&Key::new("ns", "late")).is_none());
+        ix.remove_object(&Key::new("ns", "ra-0"));
+        assert_eq!(ix.secrets(), 0);
     }
 
     #[test]
