@@ -95,7 +95,7 @@ struct Claims<'a> {
 }
 
 fn claims<'a>(client_id: &'a str, audience: &'a str, now: Timestamp) -> Claims<'a> {
-    let jti: String = rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect();
+    let jti = hex::encode(rand::random::<[u8; 16]>());
     let iat = now.as_second();
     Claims { iss: client_id, sub: client_id, aud: audience, jti, iat, exp: iat + ASSERTION_LIFETIME_SECS }
 }

@@ -237,7 +237,7 @@ fn trim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
             v
         } else {
             use sha2::Digest as _;
-            format!("sha256:{:x}", sha2::Sha256::digest(v.as_bytes()))
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(v.as_bytes())))
         };
         [(REFRESH_ANNOTATION.to_owned(), v)].into()
     });

@@ -232,7 +232,7 @@ pub fn inputs_digest(ra: &RegistryAccess, credential: &str) -> String {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&h.finalize()[..16])
 }
 
 #[cfg(test)]

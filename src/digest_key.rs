@@ -50,7 +50,7 @@ impl DigestKey {
             unreachable!("HMAC takes keys of any length")
         };
         mac.update(value);
-        mac.finalize().into_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
     /// Reads the key from `namespace/name`, creating the Secret with a new random key when it

@@ -103,7 +103,12 @@ pub fn reason_for(e: &TokenError) -> &'static str {
 /// Why a reconcile stopped at the Kubernetes API. Token request failures are not errors here:
 /// they are [`Problem`]s and end in a condition. The API server's own message is never shown
 /// (admission webhooks can put object content in it): only the HTTP status and reason word.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(
+    name(ErrorKind),
+    derive(strum::IntoStaticStr, strum::EnumIter),
+    strum(serialize_all = "snake_case")
+)]
 pub enum Error {
     #[error("reading token Secret {namespace}/{name}: {}", api_summary(source))]
     ReadTokenSecret { namespace: String, name: String, source: kube::Error },
@@ -193,37 +198,43 @@ fn is_field_path(s: &str) -> bool {
 }
 
 impl Error {
-    /// Every [`Error::kind`], for metrics that start each series at zero.
-    pub const KINDS: &'static [&'static str] = &[
-        "read_token_secret",
-        "read_client_secret",
-        "read_service_account",
-        "read_ca_bundle",
-        "create_secret",
-        "apply_secret",
-        "retire_secret",
-        "apply_status",
-    ];
+    /// Every [`Error::kind`], for metrics that start each series at zero: derived from the
+    /// variants, so a new stage is never missing.
+    pub fn kinds() -> impl Iterator<Item = &'static str> {
+        <ErrorKind as strum::IntoEnumIterator>::iter().map(<&'static str>::from)
+    }
 
-    /// The stage that failed, as the `kind` label of the reconcile error metric (one of
-    /// [`Error::KINDS`]).
+    /// The stage that failed, as the `kind` label of the reconcile error metric: the variant's
+    /// name in snake case (`read_token_secret`, `apply_status`, ...).
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::ReadTokenSecret { .. } => "read_token_secret",
-            Self::ReadClientSecret { .. } => "read_client_secret",
-            Self::ReadServiceAccount { .. } => "read_service_account",
-            Self::ReadCaBundle { .. } => "read_ca_bundle",
-            Self::CreateSecret { .. } => "create_secret",
-            Self::ApplySecret { .. } => "apply_secret",
-            Self::RetireSecret { .. } => "retire_secret",
-            Self::ApplyStatus { .. } => "apply_status",
-        }
+        ErrorKind::from(self).into()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kinds_are_the_stages_in_snake_case() {
+        let kinds: Vec<&str> = Error::kinds().collect();
+        assert_eq!(
+            kinds,
+            [
+                "read_token_secret",
+                "read_client_secret",
+                "read_service_account",
+                "read_ca_bundle",
+                "create_secret",
+                "apply_secret",
+                "retire_secret",
+                "apply_status"
+            ]
+        );
+        let e =
+            Error::ApplyStatus { namespace: "n".into(), name: "s".into(), source: kube::Error::Service("x".into()) };
+        assert_eq!(e.kind(), "apply_status");
+    }
 
     #[test]
     fn api_errors_are_told_without_the_servers_text() {

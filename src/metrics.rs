@@ -154,8 +154,8 @@ impl Metrics {
         );
         // Every stage's series from the start, at zero: rate() and the dashboard see them before
         // the first failure.
-        for kind in crate::failure::Error::KINDS {
-            reconcile_errors.get_or_create(&ErrorLabels { kind: (*kind).to_owned() }).inc_by(0);
+        for kind in crate::failure::Error::kinds() {
+            reconcile_errors.get_or_create(&ErrorLabels { kind: kind.to_owned() }).inc_by(0);
         }
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register("reconcile_duration_seconds", "Duration of reconciles", reconcile_duration.clone());

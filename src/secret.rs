@@ -181,7 +181,7 @@ pub fn needs_apply(desired: &Secret, live: &Secret) -> bool {
 pub fn token_digest(token: &str) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(token.as_bytes());
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&digest[..16])
 }
 
 /// RFC 3339 in UTC with second precision, as Kubernetes writes times.

@@ -206,7 +206,7 @@ impl TokenClient {
     fn client_for(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, TokenError> {
         let Some(pem) = ca_bundle else { return Ok(self.http.clone()) };
         use sha2::Digest as _;
-        let key = format!("{:x}", sha2::Sha256::digest(pem.as_bytes()));
+        let key = hex::encode(sha2::Sha256::digest(pem.as_bytes()));
         let mut cache = self.with_ca.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
