@@ -316,6 +316,7 @@ impl Index {
     }
 
     /// ServiceAccounts kept.
+    #[cfg(test)]
     pub fn service_accounts(&self) -> usize {
         self.read().service_accounts.len()
     }

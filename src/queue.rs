@@ -333,16 +333,19 @@ impl<J> Queue<J> {
     }
 
     /// Requests of `namespace` waiting.
+    #[cfg(test)]
     pub fn len_of(&self, namespace: &str) -> usize {
         self.tenants.get(namespace).map_or(0, |t| t.queued)
     }
 
     /// Requests of `namespace` in flight.
+    #[cfg(test)]
     pub fn in_flight_of(&self, namespace: &str) -> usize {
         self.tenants.get(namespace).map_or(0, |t| t.in_flight)
     }
 
     /// Servers, namespaces and paused clients the queue keeps state for.
+    #[cfg(test)]
     pub fn footprint(&self) -> (usize, usize, usize) {
         (self.servers.len(), self.tenants.len(), self.pauses.len())
     }
