@@ -45,7 +45,7 @@ fn main() {
 }
 
 async fn run() {
-    registry_access_operator::token::install_crypto_provider();
+    registry_access_operator::keycloak::token::install_crypto_provider();
     if let Err(e) = demo().await {
         eprintln!("demo failed: {e}");
         std::process::exit(1);

@@ -16,18 +16,18 @@ use kube::{Api, Client, Resource};
 use tracing::{debug, info};
 
 use crate::api::{CredentialSource, Guarded, REFRESH_ANNOTATION, RegistryAccess};
-use crate::digest_key::{DigestKey, KeyError};
-use crate::index::{Index, Key, Role, SecretMeta, Watched};
-use crate::issuer::{Issuer, Shared};
-use crate::leader::{self, LeaderConfig, LeaderError};
+use crate::keycloak::digest_key::{DigestKey, KeyError};
+use crate::keycloak::token::{self, TokenClient};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::probes::Readiness;
-use crate::queue::QueueConfig;
 use crate::reconcile::{Context, Settings, error_policy, reconcile};
-use crate::scopes;
-use crate::state::States;
-use crate::token::{self, TokenClient};
+use crate::requests::issuer::{Issuer, Shared};
+use crate::requests::queue::QueueConfig;
+use crate::requests::state::States;
+use crate::runtime::leader::{self, LeaderConfig, LeaderError};
+use crate::runtime::probes::Readiness;
+use crate::watch::index::{Index, Key, Role, SecretMeta, Watched};
+use crate::watch::scopes;
 
 /// Longest refresh annotation value kept as it is in the cache; a longer one is kept as its
 /// digest (only a change of it matters).
@@ -119,7 +119,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         policy: config.policy.clone(),
         digest_key,
         mount_delay: config.mount_delay,
-        failed_attempt: config.token_client.request_timeout + crate::schedule::INITIAL_BACKOFF,
+        failed_attempt: config.token_client.request_timeout + crate::reconcile::schedule::INITIAL_BACKOFF,
         instance: config.instance.clone(),
     };
     let ctx = Arc::new(Context::new(client.clone(), config.metrics.clone(), (states, index), issuer.clone(), settings));
@@ -309,7 +309,7 @@ fn service_account_triggers(
         }
         Event::InitApply(sa) | Event::Apply(sa) => {
             let key = key_of(&sa);
-            let meta = crate::read::service_account_meta(&sa.metadata);
+            let meta = crate::reconcile::read::service_account_meta(&sa.metadata);
             if ctx.index.service_account_applied(key.clone(), meta) { vec![key] } else { Vec::new() }
         }
         Event::Delete(sa) => {

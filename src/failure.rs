@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::token::TokenError;
+use crate::keycloak::token::TokenError;
 
 /// Condition reasons: each names what a user can act on.
 pub mod reason {

@@ -1,39 +1,29 @@
 //! registry-access-operator: keeps a fresh Keycloak client_credentials access token in a Secret
 //! for every `RegistryAccess` object.
 //!
-//! One reconcile ([`reconcile`]) is four stages: [`read`] what the object refers to, [`decide`]
-//! (pure) between requesting a token and waiting, [`apply`] the writes, [`report`] the status,
-//! metrics and Events. Token requests wait in the [`queue`] and are sent by the [`issuer`], never
-//! in a reconcile. [`controller`] only wires watches, [`index`]es and the issuer together.
+//! The tree follows one object's way through the operator:
+//! - [`watch`]: what the watches have seen (indexes of Secrets and ServiceAccounts, scopes);
+//! - [`reconcile`]: one reconcile in four stages, read, decide (pure), apply, report;
+//! - [`requests`]: token requests waiting in a fair queue and the issuer that sends them, outside
+//!   any reconcile, and what the operator remembers of each object between reconciles;
+//! - [`keycloak`]: what is sent to Keycloak and what comes back (the token client, client
+//!   assertions, JWT claims, trust);
+//! - [`runtime`]: the process around it (leader election, probes, logging).
+//!
+//! [`controller`] only wires them together. The resource ([`api`]), the token Secret ([`secret`]),
+//! the failure vocabulary ([`failure`]), foreign text ([`text`]), the operator's [`policy`] and
+//! its [`metrics`] are shared by all.
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod apply;
-pub mod assertion;
 pub mod controller;
-pub mod credentials;
-pub mod decide;
-pub mod digest_key;
-pub mod events;
 pub mod failure;
-pub mod index;
-pub mod issuer;
-pub mod jwt;
-pub mod leader;
+pub mod keycloak;
 pub mod metrics;
-pub mod minted;
 pub mod policy;
-pub mod probes;
-pub mod queue;
-pub mod read;
 pub mod reconcile;
-pub mod report;
-pub mod schedule;
-pub mod scopes;
+pub mod requests;
+pub mod runtime;
 pub mod secret;
-pub mod state;
-pub mod status;
-pub mod telemetry;
 pub mod text;
-pub mod token;
-pub mod trust;
+pub mod watch;

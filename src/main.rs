@@ -9,13 +9,13 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use registry_access_operator::api::RegistryAccess;
 use registry_access_operator::controller::{self, RunConfig};
-use registry_access_operator::leader::LeaderConfig;
+use registry_access_operator::keycloak::token;
 use registry_access_operator::metrics::Metrics;
 use registry_access_operator::policy::{self, Policy};
-use registry_access_operator::probes::{self, Readiness};
-use registry_access_operator::queue::{self, QueueConfig};
-use registry_access_operator::telemetry::{self, LogFormat};
-use registry_access_operator::token;
+use registry_access_operator::requests::queue::{self, QueueConfig};
+use registry_access_operator::runtime::leader::LeaderConfig;
+use registry_access_operator::runtime::probes::{self, Readiness};
+use registry_access_operator::runtime::telemetry::{self, LogFormat};
 use std::sync::Arc;
 
 #[derive(Parser)]

@@ -10,8 +10,8 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::api::RegistryAccess;
-use crate::jwt;
-use crate::token::{IssuedToken, TokenFacts};
+use crate::keycloak::jwt;
+use crate::keycloak::token::{IssuedToken, TokenFacts};
 
 /// The operator's name: field manager of its writes and value of the managed-by label.
 pub const MANAGER: &str = "registry-access-operator";
@@ -193,7 +193,7 @@ pub fn rfc3339(t: Timestamp) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::api::{RegistryAccessSpec, SecretTemplate};
-    use crate::jwt::tests::jwt;
+    use crate::keycloak::jwt::tests::jwt;
 
     pub(crate) fn ra() -> RegistryAccess {
         let spec: RegistryAccessSpec = serde_json::from_value(serde_json::json!({

@@ -7,7 +7,7 @@
 pub const MAX_QUOTED_CHARS: usize = 200;
 /// Longest granted scope kept (status, the token Secret's annotation).
 pub const MAX_SCOPE_CHARS: usize = 512;
-/// Longest role name kept; [`crate::jwt::MAX_ROLES`] bounds how many.
+/// Longest role name kept; [`crate::keycloak::jwt::MAX_ROLES`] bounds how many.
 pub const MAX_ROLE_CHARS: usize = 128;
 
 /// What stands in for an unprintable character: visible, so tampering shows.

@@ -13,8 +13,8 @@ use jiff::Timestamp;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
-use registry_access_operator::jwt::decode_claims;
-use registry_access_operator::token::{TokenError, classify_failure, parse_success};
+use registry_access_operator::keycloak::jwt::decode_claims;
+use registry_access_operator::keycloak::token::{TokenError, classify_failure, parse_success};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -113,7 +113,7 @@ fn check_failure(status: u16, body: &[u8]) {
 
 fn check_jwt(token: &str) {
     if let Ok(c) = decode_claims(token) {
-        assert!(c.realm_roles.len() <= registry_access_operator::jwt::MAX_ROLES);
+        assert!(c.realm_roles.len() <= registry_access_operator::keycloak::jwt::MAX_ROLES);
     }
 }
 
@@ -149,9 +149,9 @@ fn enormous_and_deep_inputs_are_errors_not_panics() {
         serde_json::json!({"exp": now.as_second() + 60, "realm_access": {"roles": vec!["r".repeat(500); 1_000]}});
     let token = format!("h.{}.s", URL_SAFE_NO_PAD.encode(huge_roles.to_string()));
     let c = decode_claims(&token).expect("a large but valid payload decodes");
-    assert_eq!(c.realm_roles.len(), registry_access_operator::jwt::MAX_ROLES);
+    assert_eq!(c.realm_roles.len(), registry_access_operator::keycloak::jwt::MAX_ROLES);
     let too_big = format!("h.{}.s", "A".repeat(3 << 20));
-    assert_eq!(decode_claims(&too_big), Err(registry_access_operator::jwt::JwtError::TooLarge));
+    assert_eq!(decode_claims(&too_big), Err(registry_access_operator::keycloak::jwt::JwtError::TooLarge));
     assert!(decode_claims(&too_big).is_err());
     assert!(decode_claims(&format!("h.{}.s", URL_SAFE_NO_PAD.encode("\"just a string\""))).is_err());
 }

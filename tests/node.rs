@@ -109,7 +109,7 @@ fn now_ms() -> i64 {
 
 /// The `iat` and `exp` claims of a token, read with the operator's own decoder.
 fn token_times(token: &str) -> Result<(i64, i64)> {
-    let claims = registry_access_operator::jwt::decode_claims(token)?;
+    let claims = registry_access_operator::keycloak::jwt::decode_claims(token)?;
     Ok((claims.iat.ok_or("no iat claim")?, claims.exp.ok_or("no exp claim")?))
 }
 

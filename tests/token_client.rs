@@ -7,8 +7,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 use registry_access_operator::api::ClientAuthMethod;
-use registry_access_operator::assertion::Credential;
-use registry_access_operator::token::{ClientConfig, TokenClient, TokenError, TokenRequest};
+use registry_access_operator::keycloak::assertion::Credential;
+use registry_access_operator::keycloak::token::{ClientConfig, TokenClient, TokenError, TokenRequest};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncWriteExt;
@@ -95,7 +95,7 @@ async fn request(
     url: &Url,
     method: ClientAuthMethod,
     scopes: &[String],
-) -> Result<registry_access_operator::token::IssuedToken, TokenError> {
+) -> Result<registry_access_operator::keycloak::token::IssuedToken, TokenError> {
     let secret = SecretString::from(SECRET);
     let credential = match method {
         ClientAuthMethod::ClientSecretBasic => Credential::SecretBasic(secret),
@@ -283,7 +283,7 @@ async fn tls_server(ca: &support::pki::Ca, names: &[&str]) -> Url {
     let pair = ca.server(names).unwrap();
     let certs = CertificateDer::pem_slice_iter(pair.cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
     let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
-    registry_access_operator::token::install_crypto_provider();
+    registry_access_operator::keycloak::token::install_crypto_provider();
     let config =
         tokio_rustls::rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));

@@ -29,7 +29,7 @@ impl Source {
 /// The `iat` and `exp` claims of a JWT, read with the operator's own decoder, or why they could
 /// not be read (never the token).
 fn times(token: &str) -> Result<(i64, i64), String> {
-    let claims = registry_access_operator::jwt::decode_claims(token.trim()).map_err(|e| e.to_string())?;
+    let claims = registry_access_operator::keycloak::jwt::decode_claims(token.trim()).map_err(|e| e.to_string())?;
     Ok((claims.iat.ok_or("the JWT has no iat")?, claims.exp.ok_or("the JWT has no exp")?))
 }
 

@@ -49,7 +49,7 @@ pub fn run_in<E: Send + Sync + 'static>(
         libtest_mimic::run(&args, trials).exit();
     }
 
-    registry_access_operator::token::install_crypto_provider();
+    registry_access_operator::keycloak::token::install_crypto_provider();
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime"));
     let t = Instant::now();
     let env = match rt.block_on(start()) {

@@ -132,7 +132,7 @@ impl Access {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    registry_access_operator::token::install_crypto_provider();
+    registry_access_operator::keycloak::token::install_crypto_provider();
     let cli = Cli::parse();
     if let Command::Completion { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "kubectl-registry_access", &mut std::io::stdout());

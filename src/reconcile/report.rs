@@ -7,12 +7,12 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource};
 use tracing::warn;
 
+use super::Context;
 use crate::api::{RegistryAccess, RegistryAccessStatus};
-use crate::apply;
-use crate::events;
 use crate::failure::Error;
-use crate::index::Key;
-use crate::reconcile::Context;
+use crate::reconcile::apply;
+use crate::reconcile::events;
+use crate::watch::index::Key;
 
 /// What a reconcile found, for the report.
 pub struct Report<'a> {

@@ -11,7 +11,7 @@ use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 
-use crate::index::Key;
+use crate::watch::index::Key;
 
 fn key<K: Resource>(obj: &K) -> Key {
     let meta = obj.meta();

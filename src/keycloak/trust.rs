@@ -9,7 +9,7 @@ use kube::{Api, Client};
 
 use crate::api::{CaBundleKind, RegistryAccess};
 use crate::failure::{Error, Problem, reason, within};
-use crate::token;
+use crate::keycloak::token;
 
 /// Largest CA bundle read from a ConfigMap or Secret (a few hundred certificates).
 pub const MAX_CA_BUNDLE: usize = 256 * 1024;

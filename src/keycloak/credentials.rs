@@ -9,8 +9,8 @@ use crate::api::{
     ALLOWED_SERVERS_ANNOTATION, CLIENT_SECRET_LABEL, ClientAuthMethod, CredentialSource, REFRESH_ANNOTATION,
     RegistryAccess,
 };
-use crate::digest_key::DigestKey;
 use crate::failure::{Problem, reason};
+use crate::keycloak::digest_key::DigestKey;
 use crate::policy;
 
 /// The client secret and the digest of the request inputs it belongs to.

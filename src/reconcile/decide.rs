@@ -5,9 +5,9 @@
 use jiff::{SignedDuration, Timestamp};
 
 use crate::failure::Problem;
-use crate::schedule::{self, RenewBefore, RenewPlan};
+use crate::keycloak::token::TokenFacts;
+use crate::reconcile::schedule::{self, RenewBefore, RenewPlan};
 use crate::secret::Observed;
-use crate::token::TokenFacts;
 
 /// The last failed attempt to get a token for one object, kept until an attempt succeeds.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,20 +11,20 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::Context;
 use crate::api::RegistryAccess;
 use crate::api::{ClientAuthMethod, CredentialSource, KEYCLOAK_ISSUERS_ANNOTATION};
-use crate::assertion::{Credential, SigningKey};
-use crate::credentials::{self, Fingerprint};
 use crate::failure::{Error, Problem, reason, within};
-use crate::index::Key;
-use crate::index::{MAX_ISSUERS, MAX_ISSUERS_ANNOTATION, ServiceAccountMeta};
-use crate::issuer::Consent;
-use crate::issuer::OwnedRequest;
+use crate::keycloak::assertion::{Credential, SigningKey};
+use crate::keycloak::credentials::{self, Fingerprint};
+use crate::keycloak::token;
+use crate::keycloak::trust;
 use crate::policy::{self, Policy};
-use crate::reconcile::Context;
+use crate::requests::issuer::Consent;
+use crate::requests::issuer::OwnedRequest;
 use crate::secret::{self, Observed};
-use crate::token;
-use crate::trust;
+use crate::watch::index::Key;
+use crate::watch::index::{MAX_ISSUERS, MAX_ISSUERS_ANNOTATION, ServiceAccountMeta};
 
 /// What the token Secret holds.
 pub struct TokenSecret {
@@ -220,7 +220,7 @@ async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Optio
         source,
     })?;
     if let Some(s) = &read {
-        let meta = crate::index::SecretMeta {
+        let meta = crate::watch::index::SecretMeta {
             uid: s.metadata.uid.clone().unwrap_or_default(),
             resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
             token_of: secret::token_owner(&s.metadata),

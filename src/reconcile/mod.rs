@@ -3,6 +3,14 @@
 //! Token requests are queued with the [`Issuer`] and their outcome comes back as another
 //! reconcile, so a reconcile only ever waits for the Kubernetes API.
 
+pub mod apply;
+pub mod decide;
+pub mod events;
+pub mod read;
+pub mod report;
+pub mod schedule;
+pub mod status;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,19 +22,17 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::api::{Guarded, RegistryAccess};
-use crate::decide::{self, Decision, Inputs};
-use crate::digest_key::DigestKey;
 use crate::failure::{Error, Problem, reason};
-use crate::index::{Index, Key};
-use crate::issuer::{Issuer, Job};
+use crate::keycloak::digest_key::DigestKey;
+use crate::keycloak::minted::Minted;
 use crate::metrics::Metrics;
-use crate::minted::Minted;
 use crate::policy::Policy;
-use crate::read;
+use crate::requests::issuer::{Issuer, Job};
+use crate::requests::state::{Completed, Known, States};
 use crate::secret::{self, HeldToken, MANAGER, Observed};
-use crate::state::{Completed, Known, States};
-use crate::status::{self, StatusInputs};
-use crate::{apply, report, schedule};
+use crate::watch::index::{Index, Key};
+use decide::{Decision, Inputs};
+use status::StatusInputs;
 
 /// A conflicting Secret is looked at again at least this often (its deletion also triggers).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
@@ -60,7 +66,7 @@ pub struct Context {
     /// ServiceAccount tokens minted moments ago.
     pub minted: Minted,
     /// CA bundles shared by queued requests.
-    pub bundles: crate::trust::Bundles,
+    pub bundles: crate::keycloak::trust::Bundles,
     undecodable: Mutex<HashSet<Key>>,
     /// The objects that exist, by the watch: key -> uid.
     live: Mutex<std::collections::HashMap<Key, String>>,
@@ -524,8 +530,8 @@ mod tests {
         let client = Client::new(mock, "default");
         let (metrics, states, index) =
             (Arc::new(Metrics::new()), Arc::new(States::default()), Arc::new(Index::default()));
-        let shared = crate::issuer::Shared {
-            tokens: crate::token::TokenClient::new(Default::default()).expect("token client"),
+        let shared = crate::requests::issuer::Shared {
+            tokens: crate::keycloak::token::TokenClient::new(Default::default()).expect("token client"),
             metrics: metrics.clone(),
             states: states.clone(),
             index: index.clone(),

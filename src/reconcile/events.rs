@@ -7,8 +7,8 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 
 use crate::api::RegistryAccessStatus;
+use crate::reconcile::status::{DEGRADED, READY, find, reason};
 use crate::secret::MANAGER;
-use crate::status::{DEGRADED, READY, find, reason};
 
 /// Severity of an Event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::decide::Failure;
 use crate::failure::Problem;
+use crate::keycloak::token::IssuedToken;
+use crate::reconcile::decide::Failure;
 use crate::secret::HeldToken;
-use crate::token::IssuedToken;
 
 /// The outcome of a token request, kept until a reconcile writes it.
 #[derive(Debug, Clone)]

@@ -20,14 +20,14 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 use crate::api::Guarded;
-use crate::assertion::Credential;
 use crate::failure::{Problem, reason, reason_for};
-use crate::index::{Index, Key};
+use crate::keycloak::assertion::Credential;
+use crate::keycloak::token::{TokenClient, TokenError, TokenRequest};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::queue::{Dispatch, Next, Queue, QueueConfig, Ticket};
-use crate::state::{Completed, States};
-use crate::token::{TokenClient, TokenError, TokenRequest};
+use crate::requests::queue::{Dispatch, Next, Queue, QueueConfig, Ticket};
+use crate::requests::state::{Completed, States};
+use crate::watch::index::{Index, Key};
 
 /// A request that starts this late after it was due is reported: demand is near the pace.
 pub const LAG_WARNING: Duration = Duration::from_secs(10);
@@ -319,7 +319,7 @@ impl Issuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{Role, SecretMeta, ServiceAccountMeta, Watched};
+    use crate::watch::index::{Role, SecretMeta, ServiceAccountMeta, Watched};
 
     const URL: &str = "https://kc.example.com/auth/realms/r/protocol/openid-connect/token";
 

@@ -13,8 +13,8 @@ use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::assertion::{self, Credential, JWT_BEARER};
-use crate::{jwt, text};
+use crate::keycloak::assertion::{self, Credential, JWT_BEARER};
+use crate::{keycloak::jwt, text};
 
 /// Largest token response body accepted; Keycloak's are a few KiB.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -621,7 +621,7 @@ pub fn token_url(server: &str, realm: &str) -> Result<Url, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jwt::tests::jwt;
+    use crate::keycloak::jwt::tests::jwt;
 
     fn now() -> Timestamp {
         "2026-01-01T00:00:00Z".parse().unwrap()

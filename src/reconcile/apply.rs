@@ -6,9 +6,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::Context;
 use crate::api::{RegistryAccess, RegistryAccessStatus};
 use crate::failure::{Error, within};
-use crate::reconcile::Context;
 use crate::secret::{MANAGED_BY_LABEL, MANAGER, RETIRED_ANNOTATION};
 
 /// Applies the token Secret; returns its new resourceVersion. With `create`, the Secret was not

@@ -4,10 +4,10 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::RegistryAccessStatus;
-use crate::decide::Failure;
-use crate::schedule::RenewPlan;
+use crate::keycloak::token::TokenFacts;
+use crate::reconcile::decide::Failure;
+use crate::reconcile::schedule::RenewPlan;
 use crate::secret::rfc3339;
-use crate::token::TokenFacts;
 
 /// Condition types.
 pub const READY: &str = "Ready";
@@ -28,7 +28,7 @@ pub struct StatusInputs<'a> {
     /// A problem that will make the next refresh fail (e.g. the client Secret is gone) while the
     /// current token is still good: reported as Degraded before it bites.
     pub upcoming: Option<(&'static str, &'a str)>,
-    /// A warning about the renewal timing (see [`crate::schedule::timing_warning`]): reported as
+    /// A warning about the renewal timing (see [`crate::reconcile::schedule::timing_warning`]): reported as
     /// Degraded while nothing worse is.
     pub timing: Option<(&'static str, &'a str)>,
     /// Realm roles the token must grant (spec.requiredRoles).
@@ -208,7 +208,7 @@ pub fn find<'a>(status: &'a RegistryAccessStatus, type_: &str) -> Option<&'a Con
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::{RenewBefore, plan_renewal};
+    use crate::reconcile::schedule::{RenewBefore, plan_renewal};
     use crate::secret::tests::{facts as token, token as full_token};
     use secrecy::ExposeSecret;
 

@@ -1,0 +1,8 @@
+//! What the watches have seen: the keyed [`index`]es of Secrets and ServiceAccounts the objects
+//! name, and the [`scopes`] that merge the watches of several namespaces into one stream.
+//!
+//! Only watch events (and reads that fill in a missed object) change what is kept here; nothing
+//! here writes to the Kubernetes API.
+
+pub mod index;
+pub mod scopes;
