@@ -254,23 +254,18 @@ fn list_config() -> watcher::Config {
     watcher::Config::default().any_semantic().page_size(LIST_PAGE_SIZE)
 }
 
-fn key_of<K: Resource>(obj: &K) -> Key {
-    let meta = obj.meta();
-    Key::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
-}
-
 /// Keeps the index of the Secrets objects name, and forgets deleted objects.
 fn follow_object(ctx: &Context, event: &Event<Guarded>) {
     match event {
         Event::Apply(obj) | Event::InitApply(obj) => {
-            let key = key_of(obj);
+            let key = Key::of(obj);
             ctx.set_live(key.clone(), obj.meta().uid.as_deref().unwrap_or_default());
             match &obj.0 {
                 Ok(ra) => ctx.index.set_object(key, obj.meta().uid.as_deref().unwrap_or_default(), &secrets_of(ra)),
                 Err(_) => ctx.index.remove_object(&key),
             }
         }
-        Event::Delete(obj) => ctx.forget(&key_of(obj), obj.meta().uid.as_deref()),
+        Event::Delete(obj) => ctx.forget(&Key::of(obj), obj.meta().uid.as_deref()),
         Event::Init | Event::InitDone => {}
     }
 }
@@ -308,12 +303,12 @@ fn service_account_triggers(
             Vec::new()
         }
         Event::InitApply(sa) | Event::Apply(sa) => {
-            let key = key_of(&sa);
+            let key = Key::of(&sa);
             let meta = crate::reconcile::read::service_account_meta(&sa.metadata);
             if ctx.index.service_account_applied(key.clone(), meta) { vec![key] } else { Vec::new() }
         }
         Event::Delete(sa) => {
-            let key = key_of(&sa);
+            let key = Key::of(&sa);
             ctx.index.service_account_deleted(&key);
             vec![key]
         }
@@ -361,7 +356,7 @@ fn secret_triggers(
             (Vec::new(), None)
         }
         Event::InitApply(s) | Event::Apply(s) => {
-            let key = key_of(&s);
+            let key = Key::of(&s);
             let meta = SecretMeta {
                 uid: s.metadata.uid.clone().unwrap_or_default(),
                 resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
@@ -371,7 +366,7 @@ fn secret_triggers(
             if ctx.index.secret_applied(key.clone(), meta) { (vec![key], Some(version)) } else { (Vec::new(), None) }
         }
         Event::Delete(s) => {
-            let key = key_of(&s);
+            let key = Key::of(&s);
             ctx.index.secret_deleted(&key);
             (vec![key], None)
         }

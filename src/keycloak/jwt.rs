@@ -26,6 +26,12 @@ pub struct Claims {
     pub roles_claim: bool,
     /// `scope`.
     pub scope: Option<String>,
+    /// `iss`, `azp` (or `client_id`), `sub` and `aud`: who issued the token to whom, for
+    /// `kubectl registry-access inspect`.
+    pub issuer: Option<String>,
+    pub client: Option<String>,
+    pub subject: Option<String>,
+    pub audience: Vec<String>,
 }
 
 /// Why a token's claims could not be read. Messages never contain the token.
@@ -51,6 +57,26 @@ struct RawClaims {
     realm_access: Option<RealmAccess>,
     #[serde(default)]
     scope: Option<serde_json::Value>,
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
+    #[serde(default)]
+    azp: Option<serde_json::Value>,
+    #[serde(default)]
+    client_id: Option<serde_json::Value>,
+    #[serde(default)]
+    sub: Option<serde_json::Value>,
+    #[serde(default)]
+    aud: Option<serde_json::Value>,
+}
+
+/// Longest issuer, client, subject or audience kept (each); longer ones are cut.
+const MAX_NAME_CHARS: usize = 256;
+/// At most this many audiences are kept.
+const MAX_AUDIENCES: usize = 16;
+
+/// A claim that should be a string, cleaned of control characters; anything else is absent.
+fn name(v: Option<&serde_json::Value>) -> Option<String> {
+    v.and_then(serde_json::Value::as_str).map(|s| crate::text::foreign(s, MAX_NAME_CHARS))
 }
 
 #[derive(Deserialize)]
@@ -109,6 +135,13 @@ pub fn decode_claims(token: &str) -> Result<Claims, JwtError> {
             })
             .unwrap_or_default(),
         scope: raw.scope.and_then(|s| s.as_str().map(|s| crate::text::foreign(s, crate::text::MAX_SCOPE_CHARS))),
+        issuer: name(raw.iss.as_ref()),
+        client: name(raw.azp.as_ref()).or_else(|| name(raw.client_id.as_ref())),
+        subject: name(raw.sub.as_ref()),
+        audience: match raw.aud {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| name(Some(v))).take(MAX_AUDIENCES).collect(),
+            one => name(one.as_ref()).into_iter().collect(),
+        },
     })
 }
 
@@ -151,6 +184,20 @@ pub(crate) mod tests {
         assert_eq!(c.iat, Some(1657295025));
         assert_eq!(c.realm_roles, vec!["trembita-invoker"]);
         assert_eq!(c.scope.as_deref(), Some("profile email"));
+    }
+
+    #[test]
+    fn reads_who_issued_the_token_to_whom() {
+        let c = decode_claims(&jwt(&serde_json::json!({
+            "iss": "https://kc/realms/r", "client_id": "c", "sub": "u", "aud": ["account", 7, "x\u{1b}[2J"],
+        })))
+        .unwrap();
+        assert_eq!(c.issuer.as_deref(), Some("https://kc/realms/r"));
+        assert_eq!(c.client.as_deref(), Some("c"));
+        assert_eq!(c.subject.as_deref(), Some("u"));
+        assert_eq!(c.audience, vec!["account", "x?[2J"]);
+        let c = decode_claims(&jwt(&serde_json::json!({"azp": "a", "client_id": "c", "aud": "one"}))).unwrap();
+        assert_eq!((c.client.as_deref(), c.audience), (Some("a"), vec!["one".to_owned()]));
     }
 
     #[test]

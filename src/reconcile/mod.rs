@@ -189,7 +189,7 @@ impl Context {
 
 /// Reconciles one RegistryAccess.
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = key_of(&obj);
+    let key = Key::of(obj.as_ref());
     let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name);
     let start = std::time::Instant::now();
     let result = match &obj.0 {
@@ -497,7 +497,7 @@ fn failed(ctx: &Context, i: &Inputs<'_>, uid: &str, problem: &Problem) -> Step {
 pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     let uid = obj.meta().uid.clone().unwrap_or_default();
     let wait = ctx.states.api_failed(&uid, rand::random::<f64>());
-    ctx.settle(&key_of(&obj), &uid);
+    ctx.settle(&Key::of(obj.as_ref()), &uid);
     warn!(error = %error, retry_in_secs = wait.as_secs_f64(), "reconcile failed at the Kubernetes API; retrying");
     Action::requeue(wait)
 }
@@ -507,12 +507,6 @@ pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Acti
 fn deadline(expires_at: Timestamp, failed_attempt: Duration, now: Timestamp) -> std::time::Instant {
     let left = Duration::try_from(expires_at.duration_since(now)).unwrap_or(Duration::ZERO);
     std::time::Instant::now() + left.saturating_sub(failed_attempt)
-}
-
-/// The namespaced name of a watched object.
-fn key_of(obj: &Guarded) -> Key {
-    let meta = obj.meta();
-    Key::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
 }
 
 fn signed(d: Duration) -> jiff::SignedDuration {

@@ -32,8 +32,7 @@ pub struct Report<'a> {
 /// Writes the status when it changed, the object's metrics, and the Events of the change (which
 /// go with the status write: a status not written announces nothing).
 pub async fn object(ctx: &Context, ra: &RegistryAccess, r: Report<'_>) -> Result<(), Error> {
-    let key =
-        Key::new(ra.meta().namespace.as_deref().unwrap_or_default(), ra.meta().name.as_deref().unwrap_or_default());
+    let key = Key::of(ra);
     ctx.metrics.set_object(&key.namespace, &key.name, r.expires_at, r.ready, r.missing_roles);
     let degraded = r.status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True");
     ctx.metrics.set_degraded(&key.namespace, &key.name, degraded.map(|c| c.reason.as_str()));

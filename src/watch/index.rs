@@ -20,6 +20,13 @@ impl Key {
     pub fn new(namespace: &str, name: &str) -> Self {
         Self { namespace: namespace.to_owned(), name: name.to_owned() }
     }
+
+    /// The namespaced name of any Kubernetes object (empty parts for a cluster-scoped or unnamed
+    /// object).
+    pub fn of<K: kube::Resource>(obj: &K) -> Self {
+        let meta = obj.meta();
+        Self::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+    }
 }
 
 /// How an object uses a Secret.

@@ -13,11 +13,6 @@ use kube::runtime::watcher::{self, Event};
 
 use crate::watch::index::Key;
 
-fn key<K: Resource>(obj: &K) -> Key {
-    let meta = obj.meta();
-    Key::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
-}
-
 /// The state that turns the events of several scopes into one store's events.
 pub struct Merger<K> {
     scopes: usize,
@@ -71,7 +66,7 @@ impl<K: Resource + Clone> Merger<K> {
                 Vec::new()
             }
             Event::InitApply(obj) | Event::Apply(obj) => {
-                let k = key(&obj);
+                let k = Key::of(&obj);
                 if let Some(seen) = self.listing[i].as_mut() {
                     seen.insert(k.clone());
                 }
@@ -84,7 +79,7 @@ impl<K: Resource + Clone> Merger<K> {
                 }
             }
             Event::Delete(obj) => {
-                let k = key(&obj);
+                let k = Key::of(&obj);
                 self.known[i].remove(&k);
                 if self.live {
                     vec![Event::Delete(obj)]

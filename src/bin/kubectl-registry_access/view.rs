@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use registry_access_operator::api::RegistryAccess;
+use registry_access_operator::keycloak::jwt;
 use serde::Serialize;
 
 /// One line of `status`.
@@ -276,36 +275,21 @@ pub struct TokenClaims {
     pub expires_in: Option<i64>,
 }
 
-/// The claims of `token`, or why they cannot be read; the message never holds the token.
+/// The claims of `token` (read by the operator's own decoder), or why they cannot be read; the
+/// message never holds the token.
 pub fn claims(token: &str, now: Timestamp) -> Result<TokenClaims, String> {
-    let payload = token.trim().split('.').nth(1).ok_or("the token in the Secret is not a JWT")?;
-    if payload.len() > 1 << 20 {
-        return Err("the token's payload is larger than 1 MiB".into());
-    }
-    let bytes =
-        URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).map_err(|_| "the token's payload is not base64url")?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| "the token's payload is not JSON")?;
-    let text = |k: &str| v.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
-    let seconds = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).map(|s| s as i64);
+    let c = jwt::decode_claims(token.trim()).map_err(|e| e.to_string())?;
     let time = |s: Option<i64>| s.and_then(|s| Timestamp::from_second(s).ok()).map(|t| t.to_string());
-    let strings = |x: Option<&serde_json::Value>| -> Vec<String> {
-        match x {
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect(),
-            _ => Vec::new(),
-        }
-    };
-    let exp = seconds("exp");
     Ok(TokenClaims {
-        issuer: text("iss"),
-        client: text("azp").or_else(|| text("client_id")),
-        subject: text("sub"),
-        audience: strings(v.get("aud")),
-        realm_roles: strings(v.get("realm_access").and_then(|r| r.get("roles"))),
-        scope: text("scope"),
-        issued_at: time(seconds("iat")),
-        expires_at: time(exp),
-        expires_in: exp.map(|e| e - now.as_second()),
+        issuer: c.issuer,
+        client: c.client,
+        subject: c.subject,
+        audience: c.audience,
+        realm_roles: c.realm_roles,
+        scope: c.scope,
+        issued_at: time(c.iat),
+        expires_at: time(c.exp),
+        expires_in: c.exp.map(|e| e - now.as_second()),
     })
 }
 
@@ -399,6 +383,8 @@ pub fn health_text(h: &Health) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     fn ra(ready: (&str, &str), degraded: Option<(&str, &str)>) -> RegistryAccess {
         let mut conditions = vec![serde_json::json!({
