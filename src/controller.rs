@@ -37,6 +37,11 @@ const LIST_PAGE_SIZE: u32 = 100;
 /// How often readiness looks whether the watches have synced.
 const READY_POLL: Duration = Duration::from_millis(250);
 
+/// Most reconciles in flight at once, by default.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// Time allowed for one Kubernetes API call, by default.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Settings of a controller run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {

@@ -12,8 +12,9 @@ use registry_access_operator::controller::{self, RunConfig};
 use registry_access_operator::keycloak::token;
 use registry_access_operator::metrics::Metrics;
 use registry_access_operator::policy::{self, Policy};
+use registry_access_operator::reconcile::schedule;
 use registry_access_operator::requests::queue::{self, QueueConfig};
-use registry_access_operator::runtime::leader::LeaderConfig;
+use registry_access_operator::runtime::leader::{self, LeaderConfig};
 use registry_access_operator::runtime::probes::{self, Readiness};
 use registry_access_operator::runtime::telemetry::{self, LogFormat};
 use std::sync::Arc;
@@ -67,8 +68,8 @@ struct RunArgs {
     /// every 1 to 1.5 x its syncFrequency, 60 s by default): an object whose tokens are renewed
     /// with less validity left is reported Degraded (RenewBeforeTooShort). `0s` turns the
     /// warning off (when no pod mounts the token Secrets as volumes). 0s to 10m.
-    #[arg(long, default_value = "90s", value_parser = duration_in(Duration::ZERO, Duration::from_secs(600)))]
-    kubelet_sync_period: Duration,
+    #[arg(long, default_value_t = Span(schedule::DEFAULT_MOUNT_DELAY), value_parser = duration_in(Duration::ZERO, Duration::from_secs(600)))]
+    kubelet_sync_period: Span,
     /// A file of PEM CA certificates trusted for every token request, in addition to the system
     /// roots (e.g. the platform's private CA).
     #[arg(long, env = "CA_BUNDLE_FILE")]
@@ -80,16 +81,16 @@ struct RunArgs {
     #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
     leader_election_namespace: Option<String>,
     /// Name of the Lease.
-    #[arg(long, default_value = "registry-access-operator")]
+    #[arg(long, default_value = leader::DEFAULT_LEASE_NAME)]
     leader_election_lease_name: String,
     /// How long the Lease stays valid after the holder's last renewal, e.g. `15s`: the longest
     /// a failed leader blocks a standby (2s to 10m).
-    #[arg(long, default_value = "15s", value_parser = duration_in(Duration::from_secs(2), Duration::from_secs(600)))]
-    leader_election_lease_duration: Duration,
+    #[arg(long, default_value_t = Span(leader::DEFAULT_LEASE_DURATION), value_parser = duration_in(Duration::from_secs(2), Duration::from_secs(600)))]
+    leader_election_lease_duration: Span,
     /// The holder renews the Lease this long before it would expire (1s to 10m, shorter than the
     /// lease duration).
-    #[arg(long, default_value = "5s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(600)))]
-    leader_election_renew_grace: Duration,
+    #[arg(long, default_value_t = Span(leader::DEFAULT_RENEW_GRACE), value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(600)))]
+    leader_election_renew_grace: Span,
     /// Most token requests in flight for the whole operator (1 to 10000).
     #[arg(long, default_value_t = queue::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     max_requests_in_flight: usize,
@@ -115,22 +116,34 @@ struct RunArgs {
     log_format: LogFormat,
     /// Most RegistryAccess objects reconciled at once (1 to 1024). Reconciles only wait for the
     /// Kubernetes API: token requests wait in their own queue.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: u16,
     /// Time allowed to connect to Keycloak, e.g. `5s` (100ms to 5m).
-    #[arg(long, default_value = "5s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(300)))]
-    connect_timeout: Duration,
+    #[arg(long, default_value_t = Span(token::DEFAULT_CONNECT_TIMEOUT), value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(300)))]
+    connect_timeout: Span,
     /// Time allowed for one token request, e.g. `15s` (100ms to 5m).
-    #[arg(long, default_value = "15s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(300)))]
-    request_timeout: Duration,
+    #[arg(long, default_value_t = Span(token::DEFAULT_REQUEST_TIMEOUT), value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(300)))]
+    request_timeout: Span,
     /// Time allowed for one Kubernetes API call, e.g. `30s` (1s to 5m): a connection that stops
     /// answering frees its reconcile slot after this long.
-    #[arg(long, default_value = "30s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(300)))]
-    api_timeout: Duration,
+    #[arg(long, default_value_t = Span(controller::DEFAULT_API_TIMEOUT), value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(300)))]
+    api_timeout: Span,
+}
+
+/// A duration flag, shown in `--help` as Go-style text (`90s`, `100ms`), so that each default is
+/// the library's constant and not a second copy of it in text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span(Duration);
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        if d.subsec_millis() != 0 { write!(f, "{}ms", d.as_millis()) } else { write!(f, "{}s", d.as_secs()) }
+    }
 }
 
 /// A parser of Go-style durations (`30s`, `1m30s`) within `[min, max]`.
-fn duration_in(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+fn duration_in(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Span, String> + Clone {
     move |s: &str| {
         let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
         if d.is_negative() {
@@ -140,7 +153,7 @@ fn duration_in(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration
         if d < min || d > max {
             return Err(format!("must be between {min:?} and {max:?}"));
         }
-        Ok(d)
+        Ok(Span(d))
     }
 }
 
@@ -168,7 +181,7 @@ async fn main() -> ExitCode {
 async fn run(args: RunArgs) -> ExitCode {
     telemetry::init(&args.log_level, args.log_format);
     token::install_crypto_provider();
-    if args.leader_election && args.leader_election_renew_grace >= args.leader_election_lease_duration {
+    if args.leader_election && args.leader_election_renew_grace.0 >= args.leader_election_lease_duration.0 {
         tracing::error!("--leader-election-renew-grace must be shorter than --leader-election-lease-duration");
         return ExitCode::FAILURE;
     }
@@ -221,7 +234,7 @@ async fn run(args: RunArgs) -> ExitCode {
                 .unwrap_or_else(|| "default".to_owned()),
             args.digest_key_secret,
         ),
-        mount_delay: args.kubelet_sync_period,
+        mount_delay: args.kubelet_sync_period.0,
         limits: QueueConfig {
             max_in_flight: args.max_requests_in_flight,
             max_in_flight_per_namespace: args.max_requests_in_flight_per_namespace,
@@ -239,14 +252,14 @@ async fn run(args: RunArgs) -> ExitCode {
             identity: std::env::var("POD_NAME").unwrap_or_else(|_| {
                 format!("{}-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into()), std::process::id())
             }),
-            lease_duration: args.leader_election_lease_duration,
-            renew_grace: args.leader_election_renew_grace,
+            lease_duration: args.leader_election_lease_duration.0,
+            renew_grace: args.leader_election_renew_grace.0,
         }),
         concurrency: args.concurrency,
-        api_timeout: args.api_timeout,
+        api_timeout: args.api_timeout.0,
         token_client: token::ClientConfig {
-            connect_timeout: args.connect_timeout,
-            request_timeout: args.request_timeout,
+            connect_timeout: args.connect_timeout.0,
+            request_timeout: args.request_timeout.0,
             ca_bundle,
         },
     };

@@ -8,6 +8,14 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info};
 
+/// The Lease's name unless `--leader-election-lease-name` says otherwise; `kubectl
+/// registry-access check` looks for Leases ending in it.
+pub const DEFAULT_LEASE_NAME: &str = "registry-access-operator";
+/// How long the Lease stays valid after its holder's last renewal, by default.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How long before the Lease would expire its holder renews it, by default.
+pub const DEFAULT_RENEW_GRACE: Duration = Duration::from_secs(5);
+
 /// Leader election settings.
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {

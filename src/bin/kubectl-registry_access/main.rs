@@ -23,7 +23,7 @@ use serde::Serialize;
 const CRD: &str = "registryaccesses.registry-access.io";
 /// Leases named like this (the operator's default, and the chart's `<release>-registry-access-operator`)
 /// are the operator's.
-const LEASE_SUFFIX: &str = "registry-access-operator";
+const LEASE_SUFFIX: &str = registry_access_operator::runtime::leader::DEFAULT_LEASE_NAME;
 
 /// Short-lived Keycloak tokens kept in Secrets by registry-access-operator: their state, on-demand
 /// renewal, the claims of the current token and the operator's health.
