@@ -304,7 +304,7 @@ fn service_account_triggers(
     ctx.metrics.watch_event("serviceaccounts");
     let changed: Vec<Key> = match event {
         Event::Init => {
-            ctx.index.service_accounts_relist_begin(scope.clone());
+            ctx.index.relist_begin(Watched::ServiceAccounts, scope.clone());
             Vec::new()
         }
         Event::InitApply(sa) | Event::Apply(sa) => {
@@ -319,7 +319,7 @@ fn service_account_triggers(
         }
         Event::InitDone => {
             let _ = ctx.index.set_synced(Watched::ServiceAccounts, scope.clone(), true);
-            ctx.index.service_accounts_relist_end(scope)
+            ctx.index.relist_end(Watched::ServiceAccounts, scope)
         }
     };
     changed
@@ -357,7 +357,7 @@ fn secret_triggers(
     ctx.metrics.watch_event("secrets");
     let (changed, version): (Vec<Key>, Option<String>) = match event {
         Event::Init => {
-            ctx.index.relist_begin(scope.clone());
+            ctx.index.relist_begin(Watched::Secrets, scope.clone());
             (Vec::new(), None)
         }
         Event::InitApply(s) | Event::Apply(s) => {
@@ -377,7 +377,7 @@ fn secret_triggers(
         }
         Event::InitDone => {
             let _ = ctx.index.set_synced(Watched::Secrets, scope.clone(), true);
-            (ctx.index.relist_end(scope), None)
+            (ctx.index.relist_end(Watched::Secrets, scope), None)
         }
     };
     changed

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use crate::keycloak::credentials::Fingerprint;
+use crate::watch::relist::{Relist, in_scope};
 
 /// A namespaced name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,10 +94,10 @@ struct Inner {
     /// Fingerprints of client Secrets, each valid for the version it was taken from.
     fingerprints: HashMap<Key, Arc<Fingerprint>>,
     /// Secrets seen so far in a re-list, per watched scope (a namespace, or all).
-    relisting: HashMap<Option<String>, HashSet<Key>>,
+    relisting: Relist<Option<String>>,
     service_accounts: HashMap<Key, ServiceAccountMeta>,
     /// ServiceAccounts seen so far in a re-list, per watched scope.
-    relisting_service_accounts: HashMap<Option<String>, HashSet<Key>>,
+    relisting_service_accounts: Relist<Option<String>>,
     /// Watches (per scope) whose last listing completed with no error since: what they show
     /// can be trusted in place of a read.
     synced: HashSet<(Watched, Option<String>)>,
@@ -106,10 +107,6 @@ struct Inner {
 #[derive(Default)]
 pub struct Index {
     inner: RwLock<Inner>,
-}
-
-fn in_scope(scope: &Option<String>, key: &Key) -> bool {
-    scope.as_deref().is_none_or(|ns| ns == key.namespace)
 }
 
 impl Index {
@@ -190,11 +187,7 @@ impl Index {
         if meta.token_of.is_none() && !inner.by_secret.contains_key(&secret) {
             return Self::forget_secret(&mut inner, &secret);
         }
-        for (scope, seen) in inner.relisting.iter_mut() {
-            if in_scope(scope, &secret) {
-                seen.insert(secret.clone());
-            }
-        }
+        inner.relisting.seen_where(&secret, in_scope);
         if let Some(owner) = &meta.token_of {
             inner.token_secrets.entry(owner.clone()).or_default().insert(secret.clone());
         }
@@ -267,21 +260,35 @@ impl Index {
     }
 
     /// A watch of `scope` starts listing again.
-    pub fn relist_begin(&self, scope: Option<String>) {
-        self.write().relisting.insert(scope, HashSet::new());
+    pub fn relist_begin(&self, watched: Watched, scope: Option<String>) {
+        let mut inner = self.write();
+        match watched {
+            Watched::Secrets => inner.relisting.begin(scope),
+            Watched::ServiceAccounts => inner.relisting_service_accounts.begin(scope),
+        }
     }
 
-    /// A watch of `scope` finished listing: Secrets of the scope it did not list are gone.
-    /// Returns them.
-    pub fn relist_end(&self, scope: &Option<String>) -> Vec<Key> {
-        let mut inner = self.write();
-        let Some(seen) = inner.relisting.remove(scope) else { return Vec::new() };
-        let gone: Vec<Key> =
-            inner.secrets.keys().filter(|k| in_scope(scope, k) && !seen.contains(*k)).cloned().collect();
-        for k in &gone {
-            Self::forget_secret(&mut inner, k);
+    /// A watch of `scope` finished listing: the Secrets (or ServiceAccounts) of the scope it did
+    /// not list are gone, and forgotten. Returns them.
+    pub fn relist_end(&self, watched: Watched, scope: &Option<String>) -> Vec<Key> {
+        let inner = &mut *self.write();
+        match watched {
+            Watched::Secrets => {
+                let gone = inner.relisting.end(scope, inner.secrets.keys().filter(|k| in_scope(scope, k)));
+                for k in &gone {
+                    Self::forget_secret(inner, k);
+                }
+                gone
+            }
+            Watched::ServiceAccounts => {
+                let held = inner.service_accounts.keys().filter(|k| in_scope(scope, k));
+                let gone = inner.relisting_service_accounts.end(scope, held);
+                for k in &gone {
+                    inner.service_accounts.remove(k);
+                }
+                gone
+            }
         }
-        gone
     }
 
     /// Secrets known.
@@ -298,11 +305,7 @@ impl Index {
     /// others); true when it is new or changed.
     pub fn service_account_applied(&self, key: Key, meta: ServiceAccountMeta) -> bool {
         let mut inner = self.write();
-        for (scope, seen) in inner.relisting_service_accounts.iter_mut() {
-            if in_scope(scope, &key) {
-                seen.insert(key.clone());
-            }
-        }
+        inner.relisting_service_accounts.seen_where(&key, in_scope);
         if !Self::names_service_account(&inner, &key) {
             return inner.service_accounts.remove(&key).is_some();
         }
@@ -359,24 +362,6 @@ impl Index {
     pub fn service_account_deleted(&self, key: &Key) -> bool {
         self.write().service_accounts.remove(key).is_some()
     }
-
-    /// A ServiceAccount watch of `scope` starts listing again.
-    pub fn service_accounts_relist_begin(&self, scope: Option<String>) {
-        self.write().relisting_service_accounts.insert(scope, HashSet::new());
-    }
-
-    /// A ServiceAccount watch of `scope` finished listing: those of the scope it did not list
-    /// are gone. Returns them.
-    pub fn service_accounts_relist_end(&self, scope: &Option<String>) -> Vec<Key> {
-        let mut inner = self.write();
-        let Some(seen) = inner.relisting_service_accounts.remove(scope) else { return Vec::new() };
-        let gone: Vec<Key> =
-            inner.service_accounts.keys().filter(|k| in_scope(scope, k) && !seen.contains(*k)).cloned().collect();
-        for k in &gone {
-            inner.service_accounts.remove(k);
-        }
-        gone
-    }
 }
 
 #[cfg(test)]
@@ -423,8 +408,8 @@ mod tests {
         assert!(ix.service_account_applied(k.clone(), meta("1")));
         assert!(!ix.service_account_applied(k.clone(), meta("1")));
         assert!(ix.service_account_applied(k.clone(), meta("2")), "recreated");
-        ix.service_accounts_relist_begin(None);
-        assert_eq!(ix.service_accounts_relist_end(&None), vec![k.clone()]);
+        ix.relist_begin(Watched::ServiceAccounts, None);
+        assert_eq!(ix.relist_end(Watched::ServiceAccounts, &None), vec![k.clone()]);
         assert!(ix.service_account(&k).is_none());
     }
 
@@ -562,9 +547,9 @@ mod tests {
         for (ns, name) in [("a", "kept"), ("a", "gone"), ("b", "other")] {
             ix.secret_applied(Key::new(ns, name), meta("1"));
         }
-        ix.relist_begin(Some("a".into()));
+        ix.relist_begin(Watched::Secrets, Some("a".into()));
         ix.secret_applied(Key::new("a", "kept"), meta("1"));
-        let gone = ix.relist_end(&Some("a".into()));
+        let gone = ix.relist_end(Watched::Secrets, &Some("a".into()));
         assert_eq!(gone, vec![Key::new("a", "gone")]);
         assert!(ix.secret(&Key::new("b", "other")).is_some(), "another scope is untouched");
         assert_eq!(ix.secrets(), 2);

@@ -1,8 +1,10 @@
 //! What the watches have seen: the keyed [`index`]es of Secrets and ServiceAccounts the objects
-//! name, and the [`scopes`] that merge the watches of several namespaces into one stream.
+//! name, the [`scopes`] that merge the watches of several namespaces into one stream, and the
+//! [`relist`] catalogue both use to find what vanished while a watch was away.
 //!
 //! Only watch events (and reads that fill in a missed object) change what is kept here; nothing
 //! here writes to the Kubernetes API.
 
 pub mod index;
+pub mod relist;
 pub mod scopes;

@@ -12,14 +12,15 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 
 use crate::watch::index::Key;
+use crate::watch::relist::Relist;
 
 /// The state that turns the events of several scopes into one store's events.
 pub struct Merger<K> {
     scopes: usize,
     /// Objects that exist, per scope, as far as its watch said.
     known: Vec<HashSet<Key>>,
-    /// Objects listed so far in a scope's current re-listing.
-    listing: Vec<Option<HashSet<Key>>>,
+    /// Objects listed so far in each scope's current re-listing.
+    relist: Relist<usize>,
     /// Scopes that have finished their first listing.
     synced: HashSet<usize>,
     /// All scopes have: the store is filled and events pass as changes.
@@ -37,7 +38,7 @@ impl<K: Resource + Clone> Merger<K> {
         Self {
             scopes,
             known: vec![HashSet::new(); scopes],
-            listing: vec![None; scopes],
+            relist: Relist::default(),
             synced: HashSet::new(),
             live: false,
             deleted_early: HashMap::new(),
@@ -62,14 +63,12 @@ impl<K: Resource + Clone> Merger<K> {
     fn event(&mut self, i: usize, event: Event<K>, stored: impl Fn(&Key) -> Option<K>) -> Vec<Event<K>> {
         match event {
             Event::Init => {
-                self.listing[i] = Some(HashSet::new());
+                self.relist.begin(i);
                 Vec::new()
             }
             Event::InitApply(obj) | Event::Apply(obj) => {
                 let k = Key::of(&obj);
-                if let Some(seen) = self.listing[i].as_mut() {
-                    seen.insert(k.clone());
-                }
+                self.relist.seen(&i, &k);
                 self.known[i].insert(k.clone());
                 if self.live {
                     vec![Event::Apply(obj)]
@@ -89,8 +88,7 @@ impl<K: Resource + Clone> Merger<K> {
                 }
             }
             Event::InitDone => {
-                let seen = self.listing[i].take().unwrap_or_default();
-                let vanished: Vec<Key> = self.known[i].difference(&seen).cloned().collect();
+                let vanished = self.relist.end(&i, &self.known[i]);
                 let mut out = Vec::new();
                 for k in vanished {
                     self.known[i].remove(&k);
