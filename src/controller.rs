@@ -26,7 +26,7 @@ use crate::requests::queue::QueueConfig;
 use crate::requests::state::States;
 use crate::runtime::leader::{self, LeaderConfig, LeaderError};
 use crate::runtime::probes::Readiness;
-use crate::watch::index::{Index, Key, Role, SecretMeta, Watched};
+use crate::watch::index::{Index, Key, Role, SecretMeta, ServiceAccountMeta, Watched};
 use crate::watch::scopes;
 
 /// Longest refresh annotation value kept as it is in the cache; a longer one is kept as its
@@ -309,7 +309,7 @@ fn service_account_triggers(
         }
         Event::InitApply(sa) | Event::Apply(sa) => {
             let key = Key::of(&sa);
-            let meta = crate::reconcile::read::service_account_meta(&sa.metadata);
+            let meta = ServiceAccountMeta::of(&sa.metadata);
             if ctx.index.service_account_applied(key.clone(), meta) { vec![key] } else { Vec::new() }
         }
         Event::Delete(sa) => {
@@ -362,11 +362,7 @@ fn secret_triggers(
         }
         Event::InitApply(s) | Event::Apply(s) => {
             let key = Key::of(&s);
-            let meta = SecretMeta {
-                uid: s.metadata.uid.clone().unwrap_or_default(),
-                resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
-                token_of: crate::secret::token_owner(&s.metadata),
-            };
+            let meta = SecretMeta::of(&s.metadata);
             let version = meta.resource_version.clone();
             if ctx.index.secret_applied(key.clone(), meta) { (vec![key], Some(version)) } else { (Vec::new(), None) }
         }

@@ -17,21 +17,21 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::api::{Guarded, RegistryAccess};
-use crate::failure::{Error, Problem, reason};
+use crate::failure::Error;
 use crate::keycloak::digest_key::DigestKey;
 use crate::keycloak::minted::Minted;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::requests::issuer::{Issuer, Job};
-use crate::requests::state::{Completed, Known, States};
-use crate::secret::{self, HeldToken, MANAGER, Observed};
+use crate::requests::issuer::Issuer;
+use crate::requests::state::States;
+use crate::secret::MANAGER;
 use crate::watch::index::{Index, Key};
-use decide::{Decision, Inputs};
+use apply::Step;
+use decide::Inputs;
 use status::StatusInputs;
 
 /// A conflicting Secret is looked at again at least this often (its deletion also triggers).
@@ -208,18 +208,6 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
     result
 }
 
-/// What the reconcile did about the token.
-enum Step {
-    /// The target Secret belongs to someone else.
-    Conflict,
-    /// Nothing to request: keep the token held (if any) until `until`.
-    Keep { until: Timestamp },
-    /// A request is queued or in flight; `now` when it was queued by this reconcile.
-    Pending { now: bool },
-    /// A request ended (or could not be made): what follows it.
-    Attempted { after: decide::AfterAttempt, issued: bool },
-}
-
 async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, Error> {
     if ra.metadata.deletion_timestamp.is_some() {
         // The token Secret goes with its owner through garbage collection.
@@ -230,7 +218,7 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
 
     // 1. Read what the object refers to.
     let token = read::token_secret(ra, ctx).await?;
-    let client = read::client_secret(ra, ctx).await?;
+    let (client, learned) = read::client_secret(ra, ctx).await?;
     let inputs = client.inputs(ra);
     let client_problem = client.problem(ra);
 
@@ -252,65 +240,16 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     };
     let decision = decide::decide(decision_inputs);
     debug!(?decision, "decided");
-
-    // 3. Apply.
-    let step = match decision {
-        Decision::Conflict => {
-            warn!(secret = %secret_name, "token Secret exists and is not owned by this RegistryAccess; leaving it untouched");
-            ctx.states.set_known(&uid, None);
-            Step::Conflict
-        }
-        Decision::Wait { until } => {
-            keep(ra, ctx, &token).await?;
-            Step::Keep { until }
-        }
-        Decision::Fetch(why) => {
-            // A token kept from a failed write that is due by now is dropped: a new one is asked.
-            let completed =
-                inputs.as_deref().and_then(|i| ctx.states.take_completed(&uid, i)).filter(|c| match &c.result {
-                    Err(_) => true,
-                    Ok(t) => decide::plan_for(&t.facts(), renew_before, &uid).renew_at > now,
-                });
-            match completed {
-                Some(done) => store(ra, ctx, &decision_inputs, done).await?,
-                None if inputs.as_deref().is_some_and(|i| ctx.states.pending(&uid, i)) => Step::Pending { now: false },
-                None => match read::request(ra, ctx, client).await? {
-                    Ok(read::Prepared { request, inputs, consent }) => {
-                        debug!(reason = why.as_str(), "token request queued");
-                        let deadline = match &token.observed {
-                            Observed::Held(h) => Some(deadline(h.token.expires_at, ctx.failed_attempt, now)),
-                            _ => None,
-                        };
-                        let job = Job {
-                            object: ObjectRef::new(&ra.name_any()).within(&ra.namespace().unwrap_or_default()),
-                            uid: uid.clone(),
-                            inputs,
-                            request,
-                            due_at: decide::due_at(&decision_inputs, why),
-                            deadline,
-                            consent,
-                        };
-                        ctx.issuer.submit(&ra.namespace().unwrap_or_default(), job);
-                        Step::Pending { now: true }
-                    }
-                    Err(problem) => failed(ctx, &decision_inputs, &uid, &problem),
-                },
-            }
-        }
+    let todo = apply::todo(ctx, decision, &decision_inputs);
+    // Only a request about to be queued reads the credential's value and the CA bundle.
+    let request = match todo {
+        apply::Todo::Request(_) => Some(read::request(ra, ctx, client).await?),
+        _ => None,
     };
 
-    let held = match &step {
-        Step::Attempted { after, .. } => after.held.clone(),
-        _ => match &token.observed {
-            Observed::Held(h) => Some(h.token.clone()),
-            _ => None,
-        },
-    };
-    // Once the Secret of the current spec.secret.name holds a valid token, a token Secret this
-    // object controlled under a former name is retired.
-    if held.as_ref().is_some_and(|t| t.expires_at > now) && !matches!(step, Step::Conflict) {
-        retire_former(ra, ctx, &secret_name).await?;
-    }
+    // 3. Apply: what was learned, the token Secret, the request, a former Secret retired.
+    let step = apply::carry_out(ra, ctx, &decision_inputs, todo, &token, learned, request).await?;
+    let held = step.held(&token.observed);
 
     // 4. Report.
     let failure = match &step {
@@ -371,127 +310,6 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(wait.max(Duration::from_millis(100))))
 }
 
-/// Nothing to request: restores the token Secret if someone changed what the operator set, and
-/// remembers its version so that later reconciles need not read it.
-async fn keep(ra: &RegistryAccess, ctx: &Context, token: &read::TokenSecret) -> Result<(), Error> {
-    let (Some(live), Observed::Held(held)) = (&token.live, &token.observed) else { return Ok(()) };
-    let Some((full, inputs)) = secret::read_token(live) else { return Ok(()) };
-    let desired = secret::build(ra, &full, inputs.as_deref().unwrap_or_default());
-    let resource_version = if secret::needs_apply(&desired, live) {
-        info!(secret = %ra.token_secret_name(), "restoring token Secret");
-        apply::token_secret(ctx, ra, &desired, false).await?
-    } else {
-        live.metadata.resource_version.clone().unwrap_or_default()
-    };
-    let known = Known { resource_version, generation: ra.metadata.generation, held: held.clone() };
-    ctx.states.set_known(&ra.uid().unwrap_or_default(), Some(known));
-    Ok(())
-}
-
-/// Retires the token Secrets this object controls under another name than `current` (it was
-/// renamed in spec.secret.name): their token is removed, so no valid token is left behind that
-/// nobody refreshes. The husk stays until the object is deleted (garbage collection), so the
-/// operator needs no right to delete Secrets.
-async fn retire_former(ra: &RegistryAccess, ctx: &Context, current: &str) -> Result<(), Error> {
-    let namespace = ra.namespace().unwrap_or_default();
-    for former in ctx.index.token_secrets_of(&ra.uid().unwrap_or_default()) {
-        if former.name == current || former.namespace != namespace {
-            continue;
-        }
-        info!(secret = %former.name, now = %current, "retiring the former token Secret");
-        apply::retire_secret(ctx, ra, &former.name, current).await?;
-    }
-    Ok(())
-}
-
-/// Writes the outcome of a finished request.
-async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Completed) -> Result<Step, Error> {
-    let uid = i.jitter_seed;
-    let token = match done.result {
-        Err(problem) => return Ok(failed(ctx, i, uid, &problem)),
-        Ok(token) => token,
-    };
-    let desired = secret::build(ra, &token, &done.inputs);
-    let create = matches!(i.observed, Observed::Missing);
-    match apply::token_secret(ctx, ra, &desired, create).await {
-        Ok(resource_version) => {
-            let facts = token.facts();
-            info!(
-                secret = %ra.token_secret_name(),
-                expires_at = %secret::rfc3339(facts.expires_at),
-                "token refreshed"
-            );
-            let held = HeldToken { token: facts.clone(), inputs: Some(done.inputs) };
-            let known = Known { resource_version, generation: ra.metadata.generation, held };
-            ctx.states.set_known(uid, Some(known));
-            let after = decide::after_attempt(i, Ok(&facts), 0.0);
-            ctx.states.set_failure(uid, None);
-            Ok(Step::Attempted { after, issued: true })
-        }
-        Err(e) => {
-            // A token that cannot be stored is a failure like any other: it gets a reason and a
-            // retry, the previous token stays, and the new one is written on the next try.
-            // The message is ours and the API's status only (see `failure::api_summary`).
-            let problem = write_problem(&e, ra);
-            ctx.states.keep_completed(uid, Completed { inputs: done.inputs, result: Ok(token) });
-            Ok(failed(ctx, i, uid, &problem))
-        }
-    }
-}
-
-/// The problem of a token Secret write that failed: a refusal someone must fix (403: a missing
-/// right; 422: a field the API will not take) backs off like any error that needs a fix and says
-/// what is wrong; anything else is retried soon.
-fn write_problem(e: &Error, ra: &RegistryAccess) -> Problem {
-    let code = match e {
-        Error::ApplySecret { source: kube::Error::Api(status), .. } => status.code,
-        Error::CreateSecret { source: kube::Error::Api(status), .. } if status.code == 409 => {
-            return Problem::transient(
-                reason::SECRET_CONFLICT,
-                format!("{e}: someone else created it since it was read; it is left untouched"),
-            );
-        }
-        Error::CreateSecret { source: kube::Error::Api(status), .. } => status.code,
-        _ => 0,
-    };
-    let ns = ra.namespace().unwrap_or_default();
-    match code {
-        403 => Problem::fix(
-            reason::SECRET_WRITE_FAILED,
-            format!(
-                "{e}; the operator needs create and patch on secrets in namespace {ns} (its ClusterRole, or a \
-                 policy that refuses it); the token stays as it is and is written once that is fixed"
-            ),
-        ),
-        422 => Problem::fix(
-            reason::SECRET_WRITE_FAILED,
-            format!(
-                "{e}; the Secret {ns}/{} cannot take the token as the operator writes it (for example a Secret \
-                 of another type, or labels or annotations in spec.secret the API refuses): fix spec.secret or \
-                 delete that Secret",
-                ra.token_secret_name()
-            ),
-        ),
-        _ => Problem::transient(reason::SECRET_WRITE_FAILED, e.to_string()),
-    }
-}
-
-/// Records a failed attempt and says what follows.
-fn failed(ctx: &Context, i: &Inputs<'_>, uid: &str, problem: &Problem) -> Step {
-    let after = decide::after_attempt(i, Err(problem), rand::random::<f64>());
-    if let Some(f) = &after.failure {
-        warn!(
-            reason = f.reason,
-            message = %f.message,
-            attempts = f.attempts,
-            retry_at = %secret::rfc3339(f.retry_at),
-            "refresh failed"
-        );
-    }
-    ctx.states.set_failure(uid, after.failure.clone());
-    Step::Attempted { after, issued: false }
-}
-
 /// Kubernetes API errors: retried with a backoff of the object's own, so that an object the API
 /// keeps refusing does not take turns from the others.
 pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -502,13 +320,6 @@ pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(wait)
 }
 
-/// The latest start of a request that still lets one failed attempt pass before the held token
-/// expires, on the process clock.
-fn deadline(expires_at: Timestamp, failed_attempt: Duration, now: Timestamp) -> std::time::Instant {
-    let left = Duration::try_from(expires_at.duration_since(now)).unwrap_or(Duration::ZERO);
-    std::time::Instant::now() + left.saturating_sub(failed_attempt)
-}
-
 fn signed(d: Duration) -> jiff::SignedDuration {
     jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::ZERO)
 }
@@ -516,6 +327,7 @@ fn signed(d: Duration) -> jiff::SignedDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::reason;
 
     /// A context whose Kubernetes client is a mock that no test here calls.
     fn context() -> Context {
@@ -591,30 +403,5 @@ mod tests {
         assert!(ctx.states.failure("uid-1").is_none() && ctx.states.failure("uid-2").is_some());
         ctx.settle(&key, "uid-2");
         assert!(ctx.states.failure("uid-2").is_some(), "a live object keeps its state");
-    }
-
-    fn refused(code: u16) -> Error {
-        let status = kube::core::Status { code, reason: "Forbidden".into(), ..Default::default() };
-        Error::ApplySecret { namespace: "ns".into(), name: "t".into(), source: kube::Error::Api(Box::new(status)) }
-    }
-
-    #[test]
-    fn a_refused_secret_write_needs_a_fix_and_says_what() {
-        let ra = crate::secret::tests::ra();
-        let p = write_problem(&refused(403), &ra);
-        assert!(!p.transient && p.message.contains("create and patch on secrets"), "{}", p.message);
-        let p = write_problem(&refused(422), &ra);
-        assert!(!p.transient && p.message.contains("spec.secret"), "{}", p.message);
-        assert!(write_problem(&refused(500), &ra).transient);
-        assert!(write_problem(&refused(409), &ra).transient);
-        let status = kube::core::Status { code: 409, reason: "AlreadyExists".into(), ..Default::default() };
-        let taken = Error::CreateSecret {
-            namespace: "ns".into(),
-            name: "t".into(),
-            source: kube::Error::Api(Box::new(status)),
-        };
-        let p = write_problem(&taken, &ra);
-        assert_eq!(p.reason, reason::SECRET_CONFLICT);
-        assert!(p.message.contains("left untouched"), "{}", p.message);
     }
 }

@@ -2,14 +2,17 @@
 //! unchanged since the operator wrote or checked it), the client Secret's fingerprint (from memory
 //! while the watch shows it unchanged), and, only for a request about to be queued, the client
 //! secret itself and the CA bundle.
+//!
+//! Nothing here writes, to the API or to memory: what a read learned that the watch had not shown
+//! comes back as [`Learned`] for the apply stage to keep, and a ServiceAccount token to present is
+//! only named ([`Presented::Mint`]); the apply stage mints it.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::api::PostParams;
 use kube::{Api, ResourceExt};
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::Url;
+use secrecy::ExposeSecret;
 
 use super::Context;
 use crate::api::RegistryAccess;
@@ -21,10 +24,21 @@ use crate::keycloak::token;
 use crate::keycloak::trust;
 use crate::policy::{self, Policy};
 use crate::requests::issuer::Consent;
-use crate::requests::issuer::OwnedRequest;
 use crate::secret::{self, Observed};
 use crate::watch::index::Key;
-use crate::watch::index::{MAX_ISSUERS, MAX_ISSUERS_ANNOTATION, ServiceAccountMeta};
+use crate::watch::index::{MAX_ISSUERS_ANNOTATION, SecretMeta, ServiceAccountMeta};
+
+/// What a read learned from the API that the watch had not shown (yet): the apply stage keeps it
+/// in the index, so that later reconciles and the check at sending know it.
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// A credential Secret read, and what the watch would say of it.
+    pub secret: Option<(Key, SecretMeta)>,
+    /// The fingerprint taken of a client Secret just read.
+    pub fingerprint: Option<(Key, Arc<Fingerprint>)>,
+    /// A ServiceAccount read because the watch had not shown it.
+    pub service_account: Option<(Key, ServiceAccountMeta)>,
+}
 
 /// What the token Secret holds.
 pub struct TokenSecret {
@@ -55,9 +69,6 @@ pub async fn token_secret(ra: &RegistryAccess, ctx: &Context) -> Result<TokenSec
         source,
     })?;
     let observed = secret::observe(ra, live.as_ref());
-    if !matches!(observed, Observed::Held(_)) {
-        ctx.states.set_known(&uid, None);
-    }
     Ok(TokenSecret { observed, live })
 }
 
@@ -153,16 +164,16 @@ fn service_account_check(ra: &RegistryAccess, meta: &ServiceAccountMeta) -> Resu
 /// The credential's state: a Secret's fingerprint from memory while the watch shows the version
 /// it was taken of (otherwise the Secret is read and a new fingerprint taken), or the
 /// ServiceAccount as the watch shows it (read when the watch has not seen it).
-pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientSecret, Error> {
+pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<(ClientSecret, Learned), Error> {
     let namespace = ra.namespace().unwrap_or_default();
     match ra.spec.credential_source() {
-        CredentialSource::Missing => Ok(ClientSecret::Missing),
+        CredentialSource::Missing => Ok((ClientSecret::Missing, Learned::default())),
         CredentialSource::ServiceAccount { name } => {
             let key = Key::new(&namespace, name);
             if ctx.index.service_accounts_synced(&namespace)
                 && let Some(meta) = ctx.index.service_account(&key)
             {
-                return Ok(ClientSecret::ServiceAccount(meta));
+                return Ok((ClientSecret::ServiceAccount(meta), Learned::default()));
             }
             let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
             let read = within(ctx.api_timeout, api.get_metadata_opt(name)).await.map_err(|source| {
@@ -170,11 +181,11 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
             })?;
             Ok(match read {
                 Some(sa) => {
-                    let meta = service_account_meta(&sa.metadata);
-                    ctx.index.service_account_read(key, meta.clone());
-                    ClientSecret::ServiceAccount(meta)
+                    let meta = ServiceAccountMeta::of(&sa.metadata);
+                    let learned = Learned { service_account: Some((key, meta.clone())), ..Learned::default() };
+                    (ClientSecret::ServiceAccount(meta), learned)
                 }
-                None => ClientSecret::Missing,
+                None => (ClientSecret::Missing, Learned::default()),
             })
         }
         CredentialSource::Secret { name, key: data_key } => {
@@ -182,52 +193,32 @@ pub async fn client_secret(ra: &RegistryAccess, ctx: &Context) -> Result<ClientS
             if ctx.index.secrets_synced(&namespace)
                 && let Some(fingerprint) = ctx.index.fingerprint(&key).filter(|f| f.key == data_key)
             {
-                return Ok(ClientSecret::Found { fingerprint, read: None });
+                return Ok((ClientSecret::Found { fingerprint, read: None }, Learned::default()));
             }
             Ok(match read_secret(ctx, &namespace, name).await? {
                 Some(s) => {
                     let fingerprint = Arc::new(Fingerprint::of(&s, &ctx.digest_key, data_key));
-                    ctx.index.set_fingerprint(key, fingerprint.clone());
-                    ClientSecret::Found { fingerprint, read: Some(Box::new(s)) }
+                    let learned = Learned {
+                        secret: Some((key.clone(), SecretMeta::of(&s.metadata))),
+                        fingerprint: Some((key, fingerprint.clone())),
+                        ..Learned::default()
+                    };
+                    (ClientSecret::Found { fingerprint, read: Some(Box::new(s)) }, learned)
                 }
-                None => ClientSecret::Missing,
+                None => (ClientSecret::Missing, Learned::default()),
             })
         }
-    }
-}
-
-/// What the operator keeps of a ServiceAccount's metadata: its uid and version, and its issuers
-/// annotation when it is of a sane size (at most [`MAX_ISSUERS`] entries of it).
-pub fn service_account_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ServiceAccountMeta {
-    let annotation = meta.annotations.as_ref().and_then(|a| a.get(KEYCLOAK_ISSUERS_ANNOTATION));
-    let too_long = annotation.is_some_and(|v| v.len() > MAX_ISSUERS_ANNOTATION);
-    ServiceAccountMeta {
-        uid: meta.uid.clone().unwrap_or_default(),
-        resource_version: meta.resource_version.clone().unwrap_or_default(),
-        issuers: annotation.filter(|_| !too_long).map(|v| {
-            v.split(',').map(str::trim).filter(|s| !s.is_empty()).take(MAX_ISSUERS).map(str::to_owned).collect()
-        }),
-        annotation_too_long: too_long,
     }
 }
 
 /// Reads a credential Secret, value included.
 async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let read = within(ctx.api_timeout, api.get_opt(name)).await.map_err(|source| Error::ReadClientSecret {
+    within(ctx.api_timeout, api.get_opt(name)).await.map_err(|source| Error::ReadClientSecret {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         source,
-    })?;
-    if let Some(s) = &read {
-        let meta = crate::watch::index::SecretMeta {
-            uid: s.metadata.uid.clone().unwrap_or_default(),
-            resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
-            token_of: secret::token_owner(&s.metadata),
-        };
-        ctx.index.secret_read(Key::new(namespace, name), meta);
-    }
-    Ok(read)
+    })
 }
 
 /// A problem the spec alone shows before any request: plain http without the flag, or a server
@@ -236,88 +227,95 @@ pub fn spec_problem(ra: &RegistryAccess, policy: &Policy) -> Option<Problem> {
     policy.refusal(&ra.spec.server).map(|(reason, message)| Problem::fix(reason, message))
 }
 
-/// A token request ready to queue: what it sends, the inputs digest of the credential actually
-/// used, and the version of that credential that allowed it.
+/// The credential a request presents.
+pub enum Presented {
+    /// A client secret or key read now.
+    Ready(Credential),
+    /// A token of this ServiceAccount (by name and uid) for `audience`: the apply stage mints it
+    /// (a create on the TokenRequest API) right before the request is queued.
+    Mint { name: String, uid: String, audience: String },
+}
+
+/// A token request ready to queue: where it goes, what it presents, its CA bundle, the inputs
+/// digest of the credential actually used, and the version of that credential that allowed it.
 pub struct Prepared {
-    pub request: OwnedRequest,
+    pub token_url: Url,
+    pub presented: Presented,
+    pub ca_bundle: Option<Arc<str>>,
     pub inputs: String,
     pub consent: Consent,
 }
 
-/// Everything a token request needs: the credential (a secret or key read now, or a
-/// ServiceAccount token minted now), the token URL and the CA bundle.
+/// Everything a token request needs: the credential (a secret or key read now, or the
+/// ServiceAccount whose token to mint), the token URL and the CA bundle; with what the reads
+/// learned.
 pub async fn request(
     ra: &RegistryAccess,
     ctx: &Context,
     client: ClientSecret,
-) -> Result<Result<Prepared, Problem>, Error> {
+) -> Result<(Result<Prepared, Problem>, Learned), Error> {
     if let Some(problem) = spec_problem(ra, &ctx.policy) {
-        return Ok(Err(problem));
+        return Ok((Err(problem), Learned::default()));
     }
     let token_url = match token::token_url(&ra.spec.server, &ra.spec.realm) {
         Ok(url) => url,
-        Err(message) => return Ok(Err(Problem::fix(reason::INVALID_SPEC, message))),
+        Err(message) => return Ok((Err(Problem::fix(reason::INVALID_SPEC, message)), Learned::default())),
     };
     let namespace = ra.namespace().unwrap_or_default();
-    let (credential, inputs, consent) = match credential(ra, ctx, client, &namespace).await? {
-        Ok(c) => c,
-        Err(problem) => return Ok(Err(problem)),
+    let ((presented, inputs, consent), learned) = match credential(ra, ctx, client, &namespace).await? {
+        (Ok(c), learned) => (c, learned),
+        (Err(problem), learned) => return Ok((Err(problem), learned)),
     };
     let ca_bundle = match trust::read_ca_bundle(ra, &ctx.client, &namespace, ctx.api_timeout).await? {
         Ok(pem) => pem.map(|pem| ctx.bundles.share(pem)),
-        Err(problem) => return Ok(Err(problem)),
+        Err(problem) => return Ok((Err(problem), learned)),
     };
-    let request = OwnedRequest {
-        token_url,
-        client_id: ra.spec.client_id.clone(),
-        credential,
-        scopes: ra.spec.scopes.clone(),
-        ca_bundle,
-    };
-    Ok(Ok(Prepared { request, inputs, consent }))
+    Ok((Ok(Prepared { token_url, presented, ca_bundle, inputs, consent }), learned))
 }
 
-/// The credential of a request, its inputs digest and the consent it is sent under.
+/// The credential of a request, its inputs digest and the consent it is sent under; with what
+/// reading it learned.
 async fn credential(
     ra: &RegistryAccess,
     ctx: &Context,
     client: ClientSecret,
     namespace: &str,
-) -> Result<Result<(Credential, String, Consent), Problem>, Error> {
+) -> Result<(Result<(Presented, String, Consent), Problem>, Learned), Error> {
     if let ClientSecret::Missing = client {
-        return Ok(Err(client.problem(ra).unwrap_or_else(|| credentials::no_source(ra))));
+        return Ok((Err(client.problem(ra).unwrap_or_else(|| credentials::no_source(ra))), Learned::default()));
     }
     if let ClientSecret::ServiceAccount(meta) = &client {
         if let Err(problem) = service_account_check(ra, meta) {
-            return Ok(Err(problem));
+            return Ok((Err(problem), Learned::default()));
         }
         let name = ra.spec.service_account_ref.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
         let audience = match audience(ra) {
             Ok(a) => a,
-            Err(problem) => return Ok(Err(problem)),
+            Err(problem) => return Ok((Err(problem), Learned::default())),
         };
         let consent =
             Consent::ServiceAccount { key: Key::new(namespace, name), resource_version: meta.resource_version.clone() };
-        return Ok(match mint(ctx, namespace, name, &meta.uid, &audience).await {
-            Ok((token, at)) => Ok((Credential::ServiceAccountToken(token, at), sa_inputs(ra, meta), consent)),
-            Err(problem) => Err(problem),
-        });
+        let presented = Presented::Mint { name: name.to_owned(), uid: meta.uid.clone(), audience };
+        return Ok((Ok((presented, sa_inputs(ra, meta), consent)), Learned::default()));
     }
-    let secret = match (client, ra.spec.credential_source()) {
-        (ClientSecret::Found { read: Some(s), .. }, _) => Some(*s),
-        (_, CredentialSource::Secret { name, .. }) => read_secret(ctx, namespace, name).await?,
-        _ => None,
+    let CredentialSource::Secret { name, .. } = ra.spec.credential_source() else {
+        return Ok((Err(credentials::no_source(ra)), Learned::default()));
+    };
+    let key = Key::new(namespace, name);
+    let (secret, mut learned) = match client {
+        ClientSecret::Found { read: Some(s), .. } => (Some(*s), Learned::default()),
+        _ => {
+            let read = read_secret(ctx, namespace, name).await?;
+            let secret = read.as_ref().map(|s| (key.clone(), SecretMeta::of(&s.metadata)));
+            (read, Learned { secret, ..Learned::default() })
+        }
     };
     let (credentials, fingerprint) = match credentials::extract(ra, secret.as_ref(), &ctx.digest_key) {
         Ok(found) => found,
-        Err(problem) => return Ok(Err(problem)),
+        Err(problem) => return Ok((Err(problem), learned)),
     };
-    let CredentialSource::Secret { name, .. } = ra.spec.credential_source() else {
-        return Ok(Err(credentials::no_source(ra)));
-    };
-    let key = Key::new(namespace, name);
     let resource_version = secret.as_ref().and_then(|s| s.metadata.resource_version.clone()).unwrap_or_default();
-    ctx.index.set_fingerprint(key.clone(), Arc::new(fingerprint));
+    learned.fingerprint = Some((key.clone(), Arc::new(fingerprint)));
     let consent = Consent::Secret { key, resource_version };
     let value = credentials.client_secret;
     let credential = match ra.spec.client_auth_method {
@@ -330,77 +328,18 @@ async fn credential(
                 Ok(key) => Credential::PrivateKey(Arc::new(key)),
                 Err(why) => {
                     let name = ra.spec.private_key_ref.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
-                    return Ok(Err(Problem::fix(
+                    let problem = Problem::fix(
                         reason::PRIVATE_KEY_INVALID,
                         format!("the key in Secret {namespace}/{name} named in spec.privateKeyRef is {why}"),
-                    )));
+                    );
+                    return Ok((Err(problem), learned));
                 }
             }
         }
-        ClientAuthMethod::ServiceAccount => return Ok(Err(credentials::no_source(ra))),
+        ClientAuthMethod::ServiceAccount => return Ok((Err(credentials::no_source(ra)), learned)),
     };
-    Ok(Ok((credential, credentials.inputs, consent)))
+    Ok((Ok((Presented::Ready(credential), credentials.inputs, consent)), learned))
 }
-
-/// A token of the ServiceAccount for `audience`, minted with the TokenRequest API for the
-/// shortest lifetime the API server allows, or one minted moments ago for the same
-/// ServiceAccount (same uid) and audience. Never written anywhere.
-async fn mint(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    uid: &str,
-    audience: &str,
-) -> Result<(SecretString, std::time::Instant), Problem> {
-    if let Some(young) = ctx.minted.young(uid, audience) {
-        return Ok(young);
-    }
-    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_owned()],
-            expiration_seconds: Some(MINTED_LIFETIME_SECS),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    ctx.metrics.service_account_token_requested();
-    match within(ctx.api_timeout, api.create_token_request(name, &PostParams::default(), &request)).await {
-        Ok(answer) => {
-            let token = SecretString::from(answer.status.map(|s| s.token).unwrap_or_default());
-            if token.expose_secret().is_empty() {
-                return Err(Problem::transient(
-                    reason::SERVICE_ACCOUNT_TOKEN_REFUSED,
-                    format!("the TokenRequest API answered without a token for ServiceAccount {namespace}/{name}"),
-                ));
-            }
-            let at = std::time::Instant::now();
-            ctx.minted.keep(uid, audience, token.clone(), at);
-            Ok((token, at))
-        }
-        Err(e) => {
-            let (transient, hint) = match &e {
-                kube::Error::Api(s) if s.code == 403 => {
-                    (false, "; the operator needs create on serviceaccounts/token in this namespace")
-                }
-                kube::Error::Api(s) if s.code == 404 => (true, "; the ServiceAccount was deleted"),
-                _ => (true, ""),
-            };
-            let message = format!(
-                "a token for ServiceAccount {namespace}/{name} could not be made: {}{hint}",
-                crate::failure::api_summary(&e)
-            );
-            Err(if transient {
-                Problem::transient(reason::SERVICE_ACCOUNT_TOKEN_REFUSED, message)
-            } else {
-                Problem::fix(reason::SERVICE_ACCOUNT_TOKEN_REFUSED, message)
-            })
-        }
-    }
-}
-
-/// Lifetime asked for minted ServiceAccount tokens: the shortest the API server allows.
-const MINTED_LIFETIME_SECS: i64 = 600;
 
 #[cfg(test)]
 mod tests {

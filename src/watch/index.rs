@@ -7,6 +7,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::api::KEYCLOAK_ISSUERS_ANNOTATION;
 use crate::keycloak::credentials::Fingerprint;
 use crate::watch::relist::{Relist, in_scope};
 
@@ -61,6 +64,23 @@ pub struct ServiceAccountMeta {
     pub annotation_too_long: bool,
 }
 
+impl ServiceAccountMeta {
+    /// What is kept of a ServiceAccount's metadata: its uid and version, and its issuers
+    /// annotation when it is of a sane size (at most [`MAX_ISSUERS`] entries of it).
+    pub fn of(meta: &ObjectMeta) -> Self {
+        let annotation = meta.annotations.as_ref().and_then(|a| a.get(KEYCLOAK_ISSUERS_ANNOTATION));
+        let too_long = annotation.is_some_and(|v| v.len() > MAX_ISSUERS_ANNOTATION);
+        Self {
+            uid: meta.uid.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            issuers: annotation.filter(|_| !too_long).map(|v| {
+                v.split(',').map(str::trim).filter(|s| !s.is_empty()).take(MAX_ISSUERS).map(str::to_owned).collect()
+            }),
+            annotation_too_long: too_long,
+        }
+    }
+}
+
 /// Longest `registry-access.io/keycloak-issuers` annotation read, in bytes: a few dozen issuer
 /// URLs. A longer one is not parsed (the ServiceAccount is treated as not opted in, and says why).
 pub const MAX_ISSUERS_ANNOTATION: usize = 8 * 1024;
@@ -82,6 +102,17 @@ pub struct SecretMeta {
     /// The uid of the RegistryAccess whose live token Secret this is (operator-managed, controlled
     /// by that object, not retired).
     pub token_of: Option<String>,
+}
+
+impl SecretMeta {
+    /// What is kept of a Secret's metadata (the same for the watch's view and a read).
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            uid: meta.uid.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            token_of: crate::secret::token_owner(meta),
+        }
+    }
 }
 
 #[derive(Default)]
