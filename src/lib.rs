@@ -27,6 +27,7 @@ pub mod probes;
 pub mod queue;
 pub mod read;
 pub mod reconcile;
+pub mod reference;
 pub mod report;
 pub mod schedule;
 pub mod scopes;
