@@ -388,9 +388,13 @@ fn destination(s: &str) -> Option<(String, usize)> {
             ')' if depth == 0 => return Some((body[..i].to_owned(), leading + i + 1)),
             ')' => depth -= 1,
             c if c.is_whitespace() => {
-                // A title may follow: `(target "title")`.
+                // A title may follow: `(target "title")`; anything else makes no link, so the
+                // whole text is returned, to be reported.
                 let close = body[i..].find(')')? + i;
-                return Some((body[..i].to_owned(), leading + close + 1));
+                let title = body[i..close].trim();
+                let target =
+                    if title.is_empty() || title.starts_with(['"', '\'', '(']) { &body[..i] } else { &body[..close] };
+                return Some((target.to_owned(), leading + close + 1));
             }
             _ => {}
         }
@@ -436,7 +440,7 @@ fn links_are_found_outside_code_only() {
     let text = "See [the guide](docs/tenant-guide.md#events) and [Status](#status \"title\"),\n\
                 ![img](a_(b).png) `[not](a-link.md)` and <https://example.com/x>.\n\
                 ```sh\n[no](fence.md)\n```\n\
-                Visit https://example.org/path). [ref]: not-a-definition\n\
+                Visit https://example.org/path). [ref]: not-a-definition [bad](https://exa mple.com)\n\
                 [def]: docs/operations.md\n";
     let found = links(text);
     let found: Vec<(usize, &str)> = found.iter().map(|l| (l.line, l.target.as_str())).collect();
@@ -448,6 +452,7 @@ fn links_are_found_outside_code_only() {
             (2, "a_(b).png"),
             (2, "https://example.com/x"),
             (6, "https://example.org/path"),
+            (6, "https://exa mple.com"),
             (7, "docs/operations.md"),
         ]
     );
