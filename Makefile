@@ -1,5 +1,5 @@
 # The project's commands. `make demo` and `make test` are the two a newcomer needs.
-.PHONY: demo test bench tools crds manifests build fmt lint
+.PHONY: demo test bench tools crds docs manifests build fmt lint
 
 # A local demo: real kube-apiserver, etcd, kube-controller-manager and Keycloak, the CRD, the
 # operator and examples/, showing tokens being refreshed until Ctrl-C; where a node can run (root,
@@ -9,7 +9,8 @@ demo: tools
 	cargo build --bin registry-access-operator --example demo
 	cargo run --example demo
 
-# Every test: formatting, lints, CRD drift, unit, token-client, end-to-end and node suites.
+# Every test: formatting, lints, CRD drift, the docs (generated reference and links), unit, token-client,
+# end-to-end and node suites.
 test:
 	bash hack/test.sh
 
@@ -34,6 +35,10 @@ tools:
 crds:
 	cargo run --quiet -- crd > crds/registryaccesses.registry-access.io.yaml
 	cp crds/registryaccesses.registry-access.io.yaml charts/registry-access-operator/crds/
+
+# Regenerate docs/reference.md, the CRD field reference, from the code (a test fails while they differ).
+docs:
+	cargo run --quiet -- crd-reference > docs/reference.md
 
 # Regenerate deploy/ (the chart rendered with its defaults, for installs without Helm).
 manifests:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, unit tests, the
-# token-client tests, fuzzing, and the end-to-end, faults, isolation and chart suites on a real control plane
+# hack/test.sh: the whole test suite - formatting, lints, the CRD drift check, the docs checks
+# (the generated CRD reference is current, every link resolves), unit tests, the token-client
+# tests, fuzzing, and the end-to-end, faults, isolation and chart suites on a real control plane
 # and Keycloak, and alongside them the tenants suite (hostile namespaces) and the node suite (real
-# kubelets; as root). Prints each phase's
-# duration and, last, one line "N passed, N failed".
+# kubelets; as root). Prints each phase's duration and, last, one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -54,7 +54,7 @@ for f in tests/*.rs; do
   t=$(basename "$f" .rs)
   [[ $t == node || $t == tenants ]] || others+=(--test "$t")
 done
-phase "cargo test (unit, CRD drift, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" \
+phase "cargo test (unit, CRD drift, docs, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" \
   cargo test --locked --lib --bins --examples "${others[@]}"
 wait "$tenants_pid" || true
 cat "$tenants_log"

@@ -152,7 +152,7 @@ pub fn api_summary(e: &kube::Error) -> String {
             }
             let words = if words.is_empty() { String::new() } else { format!(" ({})", words.join("; ")) };
             let hint = match status.code {
-                401 | 403 => ": the operator lacks a permission (see the README's RBAC table)",
+                401 | 403 => ": the operator lacks a permission (see the RBAC table in docs/operations.md)",
                 404 => ": it does not exist (any more)",
                 409 => ": it was changed at the same time; retried",
                 422 => ": the object cannot be changed that way (an immutable field, such as a Secret's type)",
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(
             text,
             "writing token Secret ns/s: the Kubernetes API refused it: HTTP 403 (Forbidden): the operator lacks a \
-             permission (see the README's RBAC table)"
+             permission (see the RBAC table in docs/operations.md)"
         );
         assert!(!text.contains("webhook"));
         let cause = |field: &str| kube::core::response::StatusCause {

@@ -12,7 +12,7 @@
 //!
 //! [`controller`] only wires them together. The resource ([`api`]), the token Secret ([`secret`]),
 //! the failure vocabulary ([`failure`]), foreign text ([`text`]), the operator's [`policy`] and
-//! its [`metrics`] are shared by all.
+//! its [`metrics`] are shared by all; [`reference`] renders the CRD's field reference for the docs.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -22,6 +22,7 @@ pub mod keycloak;
 pub mod metrics;
 pub mod policy;
 pub mod reconcile;
+pub mod reference;
 pub mod requests;
 pub mod runtime;
 pub mod secret;

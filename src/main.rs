@@ -30,6 +30,8 @@ struct Cli {
 enum Command {
     /// Print the RegistryAccess CustomResourceDefinition as YAML.
     Crd,
+    /// Print the CRD's field reference as Markdown (docs/reference.md).
+    CrdReference,
     /// Run the controller (in a cluster, or with a kubeconfig).
     Run(Box<RunArgs>),
 }
@@ -174,6 +176,10 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::CrdReference => {
+            print!("{}", registry_access_operator::reference::markdown());
+            ExitCode::SUCCESS
+        }
         Command::Run(args) => run(*args).await,
     }
 }
