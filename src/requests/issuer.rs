@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::api::Guarded;
 use crate::failure::{Problem, reason, reason_for};
 use crate::keycloak::assertion::Credential;
-use crate::keycloak::token::{TokenClient, TokenError, TokenRequest};
+use crate::keycloak::token::{IssuedToken, TokenClient, TokenError, TokenRequest};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::requests::queue::{Dispatch, Next, Queue, QueueConfig, Ticket};
@@ -134,9 +134,43 @@ pub struct Job {
     pub consent: Consent,
 }
 
+/// A job as it waits in the queue, with the number [`States::set_pending`] gave it.
+struct Queued {
+    job: Job,
+    number: u64,
+}
+
+/// The in-flight slot of a dispatched request: handed back to the queue when the request ends,
+/// also when its task panics or is dropped, so a failure on the way never keeps a slot.
+struct Slot<'a> {
+    issuer: &'a Issuer,
+    ticket: Option<Ticket>,
+}
+
+impl Slot<'_> {
+    /// Frees the slot, doing `then` on the queue under the same lock.
+    fn free(mut self, then: impl FnOnce(&mut Queue<Queued>, &Ticket)) {
+        if let Some(ticket) = self.ticket.take() {
+            let mut q = self.issuer.queue();
+            then(&mut q, &ticket);
+            q.done(&ticket);
+        }
+        self.issuer.wake.notify_one();
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.issuer.queue().done(&ticket);
+            self.issuer.wake.notify_one();
+        }
+    }
+}
+
 /// The queue and the dispatcher.
 pub struct Issuer {
-    queue: Mutex<Queue<Job>>,
+    queue: Mutex<Queue<Queued>>,
     config: QueueConfig,
     wake: Notify,
     tokens: TokenClient,
@@ -178,14 +212,14 @@ impl Issuer {
         (Arc::new(issuer), finished)
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, Queue<Job>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue<Queued>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a request for an object in `namespace`; one queued earlier for the same object is
     /// replaced.
     pub fn submit(&self, namespace: &str, job: Job) {
-        self.states.set_pending(&job.uid, &job.inputs);
+        let number = self.states.set_pending(&job.uid, &job.inputs);
         let ticket = Ticket {
             server: job.request.server(),
             client: job.request.client(),
@@ -195,7 +229,7 @@ impl Issuer {
         };
         let queued = {
             let mut q = self.queue();
-            q.push(ticket, job);
+            q.push(ticket, Queued { job, number });
             q.len()
         };
         self.metrics.set_queued(queued);
@@ -220,7 +254,14 @@ impl Issuer {
             match next {
                 Next::Go(dispatch) => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.send(dispatch).await });
+                    tokio::spawn(async move {
+                        let tokens = &me.tokens;
+                        me.send(dispatch, |request| async move {
+                            // The expiry counts from when the request is sent.
+                            tokens.request(&request.borrow(), Timestamp::now()).await
+                        })
+                        .await
+                    });
                 }
                 Next::WaitUntil(at) => {
                     tokio::select! {
@@ -233,15 +274,22 @@ impl Issuer {
         }
     }
 
-    async fn send(&self, dispatch: Dispatch<Job>) {
-        let Dispatch { ticket, job } = dispatch;
+    /// Sends one dispatched request with `request` (the token client; a stand-in in tests), and
+    /// keeps its outcome for the object.
+    async fn send<F, Fut>(&self, dispatch: Dispatch<Queued>, request: F)
+    where
+        F: FnOnce(OwnedRequest) -> Fut,
+        Fut: std::future::Future<Output = Result<IssuedToken, TokenError>>,
+    {
+        let Dispatch { ticket, job: Queued { job, number } } = dispatch;
         let server = ticket.server.clone();
+        let (namespace, client) = (ticket.namespace.clone(), ticket.client.clone());
+        let slot = Slot { issuer: self, ticket: Some(ticket) };
         if let Err(why) = consent_holds(&self.index, &self.policy, job.request.token_url.as_str(), &job.consent) {
-            self.queue().done(&ticket);
-            self.wake.notify_one();
+            slot.free(|_, _| {});
             self.metrics.request_withdrawn(why.as_str());
             info!(
-                namespace = %ticket.namespace,
+                namespace = %namespace,
                 name = %job.object.name,
                 why = why.as_str(),
                 "token request dropped unsent: what allowed it changed while it waited; reconciling again"
@@ -261,36 +309,31 @@ impl Issuer {
         if let Credential::ServiceAccountToken(_, minted) = &job.request.credential
             && minted.elapsed() >= SERVICE_ACCOUNT_TOKEN_MAX_AGE
         {
-            self.queue().done(&ticket);
-            self.wake.notify_one();
+            slot.free(|_, _| {});
             let problem = Problem::transient(
                 reason::QUEUED_TOO_LONG,
                 "the ServiceAccount token minted for this request aged while the request waited for its turn; \
                  a new one is minted for the next try",
             );
-            if self.states.complete(&job.uid, Completed { inputs: job.inputs, result: Err(problem) }) {
+            if self.states.complete(&job.uid, number, Completed { inputs: job.inputs, result: Err(problem) }) {
                 let _ = self.done.send(job.object);
             }
             return;
         }
         let timer = self.metrics.token_request();
-        // The expiry counts from when the request is sent.
-        let result = self.tokens.request(&job.request.borrow(), Timestamp::now()).await;
+        let result = request(job.request).await;
         timer.finish(result.as_ref().err().map(reason_for));
-        {
-            let mut q = self.queue();
-            q.done(&ticket);
-            // A client that is rate limited gets no request until the server says so (each
-            // request at most until its own deadline); other clients of the server go on.
+        // A client that is rate limited gets no request until the server says so (each request at
+        // most until its own deadline); other clients of the server go on.
+        slot.free(|q, _| {
             if let Err(e @ TokenError::RateLimited { .. }) = &result
                 && let Some(wait) = e.retry_after()
             {
-                q.pause(&ticket.client, Instant::now() + wait);
+                q.pause(&client, Instant::now() + wait);
             }
-        }
-        self.wake.notify_one();
+        });
         let result = result.map_err(|e| Problem::from(&e));
-        if self.states.complete(&job.uid, Completed { inputs: job.inputs, result }) {
+        if self.states.complete(&job.uid, number, Completed { inputs: job.inputs, result }) {
             // The receiver lives as long as the controller; after it, nothing is left to tell.
             let _ = self.done.send(job.object);
         }
@@ -391,5 +434,75 @@ mod tests {
         let index = Index::default();
         let consent = Consent::Secret { key: Key::new("ns", "creds"), resource_version: "7".into() };
         assert_eq!(consent_holds(&index, &Policy::default(), URL, &consent), Ok(()));
+    }
+
+    fn issuer() -> (Arc<Issuer>, mpsc::UnboundedReceiver<ObjectRef<Guarded>>) {
+        let shared = Shared {
+            tokens: TokenClient::new(Default::default()).expect("token client"),
+            metrics: Arc::new(Metrics::new()),
+            states: Arc::new(States::default()),
+            index: Arc::new(Index::default()),
+            policy: Policy::default(),
+        };
+        Issuer::new(Default::default(), shared)
+    }
+
+    fn job(uid: &str) -> Job {
+        Job {
+            object: ObjectRef::new("ra").within("ns"),
+            uid: uid.to_owned(),
+            inputs: "in".into(),
+            request: OwnedRequest {
+                token_url: Url::parse(URL).expect("url"),
+                client_id: "c".into(),
+                credential: Credential::SecretPost("not-a-real-secret".to_owned().into()),
+                scopes: Vec::new(),
+                ca_bundle: None,
+            },
+            due_at: Timestamp::now(),
+            deadline: None,
+            consent: Consent::Secret { key: Key::new("ns", "creds"), resource_version: "1".into() },
+        }
+    }
+
+    /// Queues a job and takes it from the queue as the dispatcher would: its slot is taken.
+    fn dispatched(issuer: &Issuer, uid: &str) -> Dispatch<Queued> {
+        issuer.submit("ns", job(uid));
+        let Next::Go(dispatch) = issuer.queue().next(Instant::now()) else { panic!("nothing to dispatch") };
+        assert_eq!(issuer.queue().in_flight_of("ns"), 1);
+        dispatch
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_send_frees_its_slot() {
+        let (issuer, _finished) = issuer();
+        let dispatch = dispatched(&issuer, "uid-1");
+        let me = issuer.clone();
+        let task = tokio::spawn(async move {
+            me.send(dispatch, |_| async { panic!("the token client panicked (on purpose, in a test)") }).await
+        });
+        assert!(task.await.expect_err("the send panicked").is_panic());
+        assert_eq!(issuer.queue().in_flight_of("ns"), 0, "the panicked request still holds its slot");
+    }
+
+    #[tokio::test]
+    async fn a_send_dropped_on_the_way_frees_its_slot() {
+        let (issuer, _finished) = issuer();
+        let dispatch = dispatched(&issuer, "uid-1");
+        let send = issuer.send(dispatch, |_| std::future::pending());
+        assert!(tokio::time::timeout(Duration::from_millis(20), send).await.is_err(), "the send never ends");
+        assert_eq!(issuer.queue().in_flight_of("ns"), 0, "the dropped request still holds its slot");
+    }
+
+    #[tokio::test]
+    async fn an_error_in_a_send_frees_its_slot_and_is_kept_for_the_object() {
+        let (issuer, mut finished) = issuer();
+        let dispatch = dispatched(&issuer, "uid-1");
+        let down = TokenError::Timeout { url: URL.into(), timeout: Duration::from_secs(15) };
+        issuer.send(dispatch, |_| async { Err(down) }).await;
+        assert_eq!(issuer.queue().in_flight_of("ns"), 0);
+        let outcome = issuer.states.take_completed("uid-1", "in").expect("the outcome is kept");
+        assert_eq!(outcome.result.expect_err("a failure").reason, reason::KEYCLOAK_UNAVAILABLE);
+        assert_eq!(finished.try_recv().expect("the object is reconciled again").name, "ra");
     }
 }

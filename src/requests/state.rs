@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::failure::Problem;
@@ -34,6 +35,9 @@ struct ObjectState {
     failure: Option<Failure>,
     /// Inputs of a request queued or in flight, and when it was queued.
     pending: Option<(String, Instant)>,
+    /// The number of the object's latest request: only its outcome is kept (an older request
+    /// still in flight may end after it).
+    latest: u64,
     completed: Option<Completed>,
     known: Option<Known>,
     api_failures: u32,
@@ -65,6 +69,8 @@ pub const MAX_API_BACKOFF: Duration = Duration::from_secs(120);
 #[derive(Default)]
 pub struct States {
     objects: Mutex<HashMap<String, ObjectState>>,
+    /// Numbers requests, over all objects, so that a number is never reused for an object.
+    requests: AtomicU64,
 }
 
 impl States {
@@ -97,14 +103,26 @@ impl States {
             .unwrap_or(false)
     }
 
-    pub fn set_pending(&self, uid: &str, inputs: &str) {
-        self.with(uid, |s| s.pending = Some((inputs.to_owned(), Instant::now())));
+    /// Records a request queued with these inputs; returns its number, which its outcome brings
+    /// back to [`States::complete`].
+    pub fn set_pending(&self, uid: &str, inputs: &str) -> u64 {
+        let number = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.with(uid, |s| {
+            s.pending = Some((inputs.to_owned(), Instant::now()));
+            s.latest = number;
+        });
+        number
     }
 
-    /// Records the outcome of a request; returns false when the object was forgotten meanwhile.
-    pub fn complete(&self, uid: &str, completed: Completed) -> bool {
+    /// Records the outcome of request number `request`; returns false when it is not kept: the
+    /// object was forgotten meanwhile, or a later request of it was made (an old result that ends
+    /// after a new one never replaces it).
+    pub fn complete(&self, uid: &str, request: u64, completed: Completed) -> bool {
         let mut map = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         let Some(state) = map.get_mut(uid) else { return false };
+        if state.latest != request {
+            return false;
+        }
         if state.pending.as_ref().is_some_and(|(i, _)| *i == completed.inputs) {
             state.pending = None;
         }
@@ -216,14 +234,14 @@ mod tests {
     #[test]
     fn an_outcome_is_taken_once_and_only_for_its_inputs() {
         let s = States::default();
-        s.set_pending("a", "in-1");
+        let n = s.set_pending("a", "in-1");
         assert!(s.pending("a", "in-1"));
-        assert!(s.complete("a", Completed { inputs: "in-1".into(), result: Err(problem()) }));
+        assert!(s.complete("a", n, Completed { inputs: "in-1".into(), result: Err(problem()) }));
         assert!(!s.pending("a", "in-1"));
         assert!(s.take_completed("a", "in-2").is_none(), "an outcome for other inputs is not used");
         assert!(s.take_completed("a", "in-1").is_none(), "and it is dropped");
-        s.set_pending("a", "in-1");
-        s.complete("a", Completed { inputs: "in-1".into(), result: Err(problem()) });
+        let n = s.set_pending("a", "in-1");
+        s.complete("a", n, Completed { inputs: "in-1".into(), result: Err(problem()) });
         assert!(s.take_completed("a", "in-1").is_some());
         assert!(s.take_completed("a", "in-1").is_none());
     }
@@ -231,9 +249,9 @@ mod tests {
     #[test]
     fn a_forgotten_object_takes_no_outcome_and_leaves_nothing() {
         let s = States::default();
-        s.set_pending("a", "in");
+        let n = s.set_pending("a", "in");
         s.forget("a");
-        assert!(!s.complete("a", Completed { inputs: "in".into(), result: Err(problem()) }));
+        assert!(!s.complete("a", n, Completed { inputs: "in".into(), result: Err(problem()) }));
         assert!(s.is_empty());
         s.set_failure("b", None);
         s.api_succeeded("b");
@@ -241,5 +259,25 @@ mod tests {
         s.set_pending("c", "in");
         s.forget("c");
         assert!(s.is_empty());
+    }
+
+    /// The spec changed while a request was in flight, and a second request (new inputs) was
+    /// made; the new one ends first and the old one after it. The new outcome stays; the old one
+    /// is dropped and does not trigger a reconcile.
+    #[test]
+    fn an_old_result_after_a_new_one_does_not_replace_it() {
+        let s = States::default();
+        let old = s.set_pending("a", "in-old");
+        let new = s.set_pending("a", "in-new");
+        let token = |inputs: &str| Completed { inputs: inputs.into(), result: Err(problem()) };
+        assert!(s.complete("a", new, token("in-new")));
+        assert!(!s.complete("a", old, token("in-old")), "the old outcome is not kept");
+        assert!(s.take_completed("a", "in-new").is_some(), "the new outcome was replaced by the old one");
+        // Also with the same inputs (a request queued again after PENDING_STALE): only the later
+        // request's outcome is kept.
+        let first = s.set_pending("a", "in");
+        let second = s.set_pending("a", "in");
+        assert!(!s.complete("a", first, token("in")));
+        assert!(s.complete("a", second, token("in")));
     }
 }
