@@ -329,9 +329,11 @@ mod tests {
     use super::*;
     use crate::failure::reason;
 
-    /// A context whose Kubernetes client is a mock that no test here calls.
-    fn context() -> Context {
-        let (mock, _handle) =
+    type ApiHandle = tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+
+    /// A context whose Kubernetes client is a mock API server, and the mock's handle.
+    fn context_with_api() -> (Context, ApiHandle) {
+        let (mock, handle) =
             tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
         let client = Client::new(mock, "default");
         let (metrics, states, index) =
@@ -352,7 +354,120 @@ mod tests {
             failed_attempt: Duration::from_secs(17),
             instance: None,
         };
-        Context::new(client, metrics, (states, index), issuer, settings)
+        (Context::new(client, metrics, (states, index), issuer, settings), handle)
+    }
+
+    /// A context whose mock API server no test here calls.
+    fn context() -> Context {
+        context_with_api().0
+    }
+
+    /// Answers every API call with `answer(method, path)` (status code and JSON body), in a task
+    /// of its own; returns the calls seen, as "METHOD path".
+    fn serve(
+        mut handle: ApiHandle,
+        answer: impl Fn(&http::Method, &str) -> (u16, serde_json::Value) + Send + 'static,
+    ) -> Arc<Mutex<Vec<String>>> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                log.lock().unwrap().push(format!("{} {path}", request.method()));
+                let (code, body) = answer(request.method(), &path);
+                let body = kube::client::Body::from(serde_json::to_vec(&body).expect("json"));
+                respond.send_response(http::Response::builder().status(code).body(body).expect("response"));
+            }
+        });
+        seen
+    }
+
+    fn not_found() -> (u16, serde_json::Value) {
+        let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "NotFound", "code": 404, "message": "not found"});
+        (404, status)
+    }
+
+    /// An opted-in client Secret `creds` of namespace billing holding `value`, at version `rv`.
+    fn client_secret(value: &str, rv: &str) -> k8s_openapi::api::core::v1::Secret {
+        let mut s = k8s_openapi::api::core::v1::Secret::default();
+        s.metadata.name = Some("creds".into());
+        s.metadata.namespace = Some("billing".into());
+        s.metadata.uid = Some("cs-uid".into());
+        s.metadata.resource_version = Some(rv.into());
+        s.metadata.labels = Some([(crate::api::CLIENT_SECRET_LABEL.to_owned(), "true".to_owned())].into());
+        s.data = Some([("client_secret".to_owned(), k8s_openapi::ByteString(value.as_bytes().to_vec()))].into());
+        s
+    }
+
+    const CREDS: &str = "/api/v1/namespaces/billing/secrets/creds";
+    const TOKEN_SECRET: &str = "/api/v1/namespaces/billing/secrets/consent-02-token";
+    const STATUS: &str = "/apis/registry-access.io/v1alpha1/namespaces/billing/registryaccesses/consent-02/status";
+
+    /// The watch's Delete comes while a reconcile of a new object runs (here: while it reads the
+    /// client Secret). The reconcile goes on and queues a request and records series; when it
+    /// ends, nothing of the object is left: no series, no state, no queued request.
+    #[tokio::test]
+    async fn a_delete_during_a_reconcile_leaves_nothing_behind() {
+        let (ctx, api) = context_with_api();
+        let ctx = Arc::new(ctx);
+        let ra = crate::secret::tests::ra();
+        let key = Key::of(&ra);
+        ctx.set_live(key.clone(), "uid-1");
+        let (watch, deleted) = (ctx.clone(), key.clone());
+        let seen = serve(api, move |method, path| match (method.as_str(), path) {
+            ("GET", TOKEN_SECRET) => not_found(),
+            ("GET", CREDS) => {
+                watch.forget(&deleted, Some("uid-1"));
+                (200, serde_json::to_value(client_secret("s3cret", "1")).expect("json"))
+            }
+            _ => not_found(),
+        });
+        let obj = Arc::new(kube::core::DeserializeGuard(Ok(ra)));
+        reconcile(obj, ctx.clone()).await.expect("the reconcile succeeds");
+        assert!(seen.lock().unwrap().iter().any(|c| c == &format!("GET {CREDS}")), "the reconcile read the Secret");
+        let text = ctx.metrics.render();
+        assert!(!text.contains("consent-02"), "series of a deleted object remain:\n{text}");
+        assert!(
+            text.contains("registry_access_token_requests_queued 0"),
+            "a request of a deleted object waits:\n{text}"
+        );
+        assert!(ctx.states.is_empty(), "state of a deleted object remains");
+    }
+
+    /// The index holds a stale view of the client Secret (version 1 and its fingerprint) while
+    /// the Secret watch is away, and the secret was rotated meanwhile (version 2). The reconcile
+    /// does not trust the index: it reads the Secret and asks for a token with the new secret.
+    #[tokio::test]
+    async fn a_stale_index_entry_is_not_trusted_while_the_watch_is_away() {
+        let (ctx, api) = context_with_api();
+        let ctx = Arc::new(ctx);
+        let ra = crate::secret::tests::ra();
+        let key = Key::of(&ra);
+        ctx.set_live(key.clone(), "uid-1");
+        let (old, new) = (client_secret("old-secret", "1"), client_secret("rotated-secret", "2"));
+        let fingerprint = |s| crate::keycloak::credentials::Fingerprint::of(s, &ctx.digest_key, "client_secret");
+        let old_inputs = fingerprint(&old).inputs(&ra).expect("inputs");
+        let new_inputs = fingerprint(&new).inputs(&ra).expect("inputs");
+        let creds = Key::new("billing", "creds");
+        ctx.index.set_object(key, "uid-1", &[("creds".into(), crate::watch::index::Role::Client)]);
+        ctx.index.secret_applied(creds.clone(), crate::watch::index::SecretMeta::of(&old.metadata));
+        ctx.index.set_fingerprint(creds, Arc::new(fingerprint(&old)));
+        let now = Timestamp::now().as_second();
+        let held = crate::secret::build(&ra, &crate::secret::tests::token(now - 10, now + 290), &old_inputs);
+        let held = serde_json::to_value(held).expect("json");
+        let served = serde_json::to_value(&new).expect("json");
+        let object = serde_json::to_value(&ra).expect("json");
+        let seen = serve(api, move |method, path| match (method.as_str(), path) {
+            ("GET" | "PATCH", TOKEN_SECRET) => (200, held.clone()),
+            ("GET", CREDS) => (200, served.clone()),
+            ("PATCH", STATUS) => (200, object.clone()),
+            _ => not_found(),
+        });
+        let obj = Arc::new(kube::core::DeserializeGuard(Ok(ra)));
+        reconcile(obj, ctx.clone()).await.expect("the reconcile succeeds");
+        assert!(seen.lock().unwrap().iter().any(|c| c == &format!("GET {CREDS}")), "the Secret was not read");
+        assert!(ctx.states.pending("uid-1", &new_inputs), "no token was asked for with the rotated secret");
     }
 
     fn failure() -> decide::Failure {
