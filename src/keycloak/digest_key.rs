@@ -39,7 +39,9 @@ pub enum KeyError {
 }
 
 impl DigestKey {
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+    /// A fixed key, for tests.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         Self(bytes)
     }
 
