@@ -17,6 +17,11 @@ pub const DEFAULT_CLIENT_SECRET_KEY: &str = "client_secret";
 /// Annotation on a RegistryAccess that requests a new token at once, once per new value:
 /// `kubectl annotate ra NAME registry-access.io/refresh-requested-at="$(date -Is)" --overwrite`.
 pub const REFRESH_ANNOTATION: &str = "registry-access.io/refresh-requested-at";
+/// The pod annotation the operator changes after writing a token Secret the pod mounts (its value:
+/// the Secret's name and resourceVersion), so that the pod's kubelet updates the mounted files at
+/// once. The only change the operator may make to a pod (the chart's admission policy refuses any
+/// other).
+pub const TOKEN_WRITTEN_ANNOTATION: &str = "registry-access.io/token-written";
 /// Label a client Secret must carry (value `true`) before the operator sends its value to
 /// Keycloak: whoever may label Secrets in the namespace decides which ones may leave it.
 pub const CLIENT_SECRET_LABEL: &str = "registry-access.io/client-secret";
@@ -154,6 +159,18 @@ pub struct RegistryAccessSpec {
     /// RegistryAccess and deleted with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretTemplate>,
+
+    /// Whether the running pods of this namespace that mount the token Secret as a volume are
+    /// told of each new token: one annotation of each such pod
+    /// (`registry-access.io/token-written`) is changed right after the token is written, which
+    /// makes its kubelet update the mounted file within about a second instead of at its next
+    /// periodic sync (up to 90s later). Default: true (one pod patch per mounting pod per token,
+    /// about every two minutes with Keycloak's default 300s tokens). Has no effect where the
+    /// operator runs with `--nudge-pods=false`. A pod that reads the token through an
+    /// environment variable or a subPath mount never sees a new token either way: Degraded
+    /// (TokenReadOnce) names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nudge_pods: Option<bool>,
 
     /// TLS settings of the connection to Keycloak, for a server whose certificate is signed by a
     /// private CA.

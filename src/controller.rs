@@ -2,11 +2,12 @@
 //! watches, the metadata-only Secret watches (through the keyed index, skipping the operator's
 //! own writes) and the issuer's finished requests.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -27,7 +28,7 @@ use crate::requests::state::States;
 use crate::runtime::leader::{self, LeaderConfig, LeaderError};
 use crate::runtime::probes::Readiness;
 use crate::watch::index::{Index, Key, Role, SecretMeta, ServiceAccountMeta, Watched};
-use crate::watch::scopes;
+use crate::watch::{pods, scopes};
 
 /// Longest refresh annotation value kept as it is in the cache; a longer one is kept as its
 /// digest (only a change of it matters).
@@ -66,6 +67,9 @@ pub struct RunConfig {
     pub instance: Option<String>,
     /// Leader election; `None` runs the controller at once.
     pub leader: Option<LeaderConfig>,
+    /// Follow the pods of namespaces with objects: nudge those that mount a token Secret after
+    /// each write, and report those that read it once.
+    pub nudge_pods: bool,
 }
 
 /// Why the operator could not run.
@@ -126,6 +130,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         mount_delay: config.mount_delay,
         failed_attempt: config.token_client.request_timeout + crate::reconcile::schedule::INITIAL_BACKOFF,
         instance: config.instance.clone(),
+        nudge_pods: config.nudge_pods,
     };
     let ctx = Arc::new(Context::new(client.clone(), config.metrics.clone(), (states, index), issuer.clone(), settings));
     let dispatcher = tokio::spawn(issuer.run());
@@ -142,13 +147,22 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
             watcher(api).modify(|o: &mut Guarded| trim(o.meta_mut())).boxed()
         })
         .collect();
-    let (index_ctx, counted) = (ctx.clone(), store.clone());
+    let (pod_triggers, pod_events) = tokio::sync::mpsc::unbounded_channel();
+    let pods = Arc::new(PodWatches {
+        client: client.clone(),
+        ctx: ctx.clone(),
+        enabled: config.nudge_pods,
+        triggers: pod_triggers,
+        namespaces: Mutex::default(),
+    });
+    let (index_ctx, counted, pod_watches) = (ctx.clone(), store.clone(), pods.clone());
     let objects = scopes::merge(watches, store.clone())
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(event) => {
                 index_ctx.metrics.watch_event("registryaccesses");
                 follow_object(&index_ctx, event);
+                pod_watches.follow(event);
                 index_ctx.metrics.set_objects(counted.len());
             }
             Err(e) => index_ctx.watch_failed("registryaccesses", e),
@@ -167,6 +181,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
     let service_account_events = metadata_watches::<ServiceAccount>(&client, &scopes)
         .flat_map(move |(scope, event)| stream::iter(service_account_triggers(&sa_ctx, &scope, event)));
     let finished = stream::unfold(finished, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let pod_events = stream::unfold(pod_events, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     let readiness = config.readiness.clone();
     let synced = store.clone();
@@ -188,6 +203,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         .reconcile_on(secret_events)
         .reconcile_on(service_account_events)
         .reconcile_on(finished)
+        .reconcile_on(pod_events)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -199,6 +215,7 @@ async fn run_controller(client: Client, config: &RunConfig, tokens: TokenClient,
         })
         .await;
     dispatcher.abort();
+    pods.stop_all();
     config.metrics.set_leader(false);
     info!("controller stopped");
 }
@@ -272,6 +289,100 @@ fn follow_object(ctx: &Context, event: &Event<Guarded>) {
         }
         Event::Delete(obj) => ctx.forget(&Key::of(obj), obj.meta().uid.as_deref()),
         Event::Init | Event::InitDone => {}
+    }
+}
+
+/// One pod watch per namespace that has RegistryAccess objects, started with the first object
+/// there and stopped with the last: pods of other namespaces are never listed.
+struct PodWatches {
+    client: Client,
+    ctx: Arc<Context>,
+    enabled: bool,
+    /// Objects to reconcile because a pod that reads their token Secret once came or went.
+    triggers: tokio::sync::mpsc::UnboundedSender<ObjectRef<Guarded>>,
+    /// Namespace -> its objects (names) and its pod watch.
+    namespaces: Mutex<HashMap<String, (HashSet<String>, tokio::task::AbortHandle)>>,
+}
+
+impl PodWatches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (HashSet<String>, tokio::task::AbortHandle)>> {
+        self.namespaces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts or stops a namespace's pod watch as its objects come and go.
+    fn follow(&self, event: &Event<Guarded>) {
+        if !self.enabled {
+            return;
+        }
+        match event {
+            Event::Apply(obj) | Event::InitApply(obj) => {
+                let key = Key::of(obj);
+                let mut namespaces = self.lock();
+                let (objects, _) = namespaces.entry(key.namespace.clone()).or_insert_with(|| {
+                    let task = tokio::spawn(follow_pods(
+                        self.client.clone(),
+                        key.namespace.clone(),
+                        self.ctx.clone(),
+                        self.triggers.clone(),
+                    ));
+                    (HashSet::new(), task.abort_handle())
+                });
+                objects.insert(key.name);
+            }
+            Event::Delete(obj) => {
+                let key = Key::of(obj);
+                let mut namespaces = self.lock();
+                let Some((objects, watch)) = namespaces.get_mut(&key.namespace) else { return };
+                objects.remove(&key.name);
+                if objects.is_empty() {
+                    watch.abort();
+                    namespaces.remove(&key.namespace);
+                    self.ctx.pods.forget_namespace(&key.namespace);
+                    self.ctx.metrics.set_pods(self.ctx.pods.len());
+                }
+            }
+            Event::Init | Event::InitDone => {}
+        }
+    }
+
+    fn stop_all(&self) {
+        for (_, (_, watch)) in self.lock().drain() {
+            watch.abort();
+        }
+    }
+}
+
+/// Follows the pods of one namespace into the pod index; a pod that starts or stops reading a
+/// token Secret once has that Secret's object reconciled (to report it).
+async fn follow_pods(
+    client: Client,
+    namespace: String,
+    ctx: Arc<Context>,
+    triggers: tokio::sync::mpsc::UnboundedSender<ObjectRef<Guarded>>,
+) {
+    let api: Api<Pod> = Api::namespaced(client, &namespace);
+    let mut events = watcher::watcher(api, list_config()).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        let changed = match event {
+            Err(e) => {
+                ctx.watch_failed("pods", &e);
+                continue;
+            }
+            Ok(Event::Init) => {
+                ctx.pods.relist_begin(&namespace);
+                Vec::new()
+            }
+            Ok(Event::InitApply(pod) | Event::Apply(pod)) => ctx.pods.applied(Key::of(&pod), pods::view(&pod)),
+            Ok(Event::Delete(pod)) => ctx.pods.deleted(&Key::of(&pod)),
+            Ok(Event::InitDone) => ctx.pods.relist_end(&namespace),
+        };
+        ctx.metrics.watch_event("pods");
+        ctx.metrics.set_pods(ctx.pods.len());
+        for secret in changed {
+            for r in ctx.index.referrers(&secret).into_iter().filter(|r| r.role == Role::Token) {
+                let _ = triggers.send(ObjectRef::new(&r.object.name).within(&r.object.namespace));
+            }
+        }
     }
 }
 

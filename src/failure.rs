@@ -18,6 +18,7 @@ pub mod reason {
     pub const CLIENT_SECRET_NOT_OPTED_IN: &str = "ClientSecretNotOptedIn";
     pub const INSECURE_SERVER: &str = "InsecureServer";
     pub const RENEW_BEFORE_TOO_SHORT: &str = "RenewBeforeTooShort";
+    pub const TOKEN_READ_ONCE: &str = "TokenReadOnce";
     pub const PRIVATE_KEY_INVALID: &str = "PrivateKeyInvalid";
     pub const SERVICE_ACCOUNT_NOT_FOUND: &str = "ServiceAccountNotFound";
     pub const SERVICE_ACCOUNT_NOT_OPTED_IN: &str = "ServiceAccountNotOptedIn";

@@ -59,6 +59,15 @@ struct RunArgs {
     /// cross the network readable by anyone on the path. For local tests and demos only.
     #[arg(long, env = "ALLOW_INSECURE_HTTP")]
     allow_insecure_http: bool,
+    /// Follow the pods of the namespaces that have RegistryAccess objects (needs get, list,
+    /// watch and patch on pods): after each token Secret write, change the
+    /// registry-access.io/token-written annotation of the running pods that mount it as a volume,
+    /// so their kubelets update the file within about a second (where the object's
+    /// spec.nudgePods allows it); and report pods that read a token Secret through an
+    /// environment variable or a subPath mount (TokenReadOnce). `--nudge-pods=false` turns both
+    /// off cluster-wide.
+    #[arg(long, env = "NUDGE_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    nudge_pods: bool,
     /// Name of the Secret holding the operator's digest key (a random HMAC key, created when
     /// missing), which keys the fingerprints of client secrets recorded on token Secrets.
     #[arg(long, default_value = "registry-access-operator-digest-key")]
@@ -262,6 +271,7 @@ async fn run(args: RunArgs) -> ExitCode {
             renew_grace: args.leader_election_renew_grace.0,
         }),
         concurrency: args.concurrency,
+        nudge_pods: args.nudge_pods,
         api_timeout: args.api_timeout.0,
         token_client: token::ClientConfig {
             connect_timeout: args.connect_timeout.0,

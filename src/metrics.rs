@@ -47,6 +47,12 @@ pub struct WhyLabels {
     pub why: String,
 }
 
+/// Labels of a pod nudge: `sent` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// Labels of a watch error: which resource's watch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WatchLabels {
@@ -75,6 +81,8 @@ pub struct Metrics {
     queued: Gauge<i64>,
     undecodable: Gauge<i64>,
     withdrawn: Family<WhyLabels, Counter>,
+    nudges: Family<OutcomeLabels, Counter>,
+    pods: Gauge<i64>,
     watch_errors: Family<WatchLabels, Counter>,
     watch_events: Family<WatchLabels, Counter>,
     /// Serializes rendering (the registry's encoder needs exclusive access to nothing, but one
@@ -182,6 +190,21 @@ impl Metrics {
             "Token requests dropped unsent because what allowed them changed while they waited (the credential's opt-in, its allowed servers or its version; the operator's allow-list)",
             withdrawn.clone(),
         );
+        let nudges = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "pod_nudges",
+            "Pods told of a new token by a change of their registry-access.io/token-written annotation, by outcome (sent, failed); a failed nudge leaves delivery to the kubelet's periodic sync",
+            nudges.clone(),
+        );
+        for outcome in ["sent", "failed"] {
+            let _ = nudges.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
+        }
+        let pods = Gauge::<i64>::default();
+        registry.register(
+            "pods_followed",
+            "Pods kept in memory because they mount or read a Secret, in the namespaces that have RegistryAccess objects",
+            pods.clone(),
+        );
         let watch_errors = Family::<WatchLabels, Counter>::default();
         registry.register(
             "watch_errors",
@@ -194,7 +217,7 @@ impl Metrics {
             "Events the operator's watches delivered, by resource (a sign that the operator has seen a change)",
             watch_events.clone(),
         );
-        for resource in ["registryaccesses", "secrets", "serviceaccounts"] {
+        for resource in ["registryaccesses", "secrets", "serviceaccounts", "pods"] {
             let _ = watch_errors.get_or_create(&WatchLabels { resource: resource.to_owned() });
             let _ = watch_events.get_or_create(&WatchLabels { resource: resource.to_owned() });
         }
@@ -218,6 +241,8 @@ impl Metrics {
             queued,
             undecodable,
             withdrawn,
+            nudges,
+            pods,
             watch_errors,
             watch_events,
             render: Mutex::new(()),
@@ -323,6 +348,17 @@ impl Metrics {
     /// A queued token request was dropped unsent.
     pub fn request_withdrawn(&self, why: &str) {
         self.withdrawn.get_or_create(&WhyLabels { why: why.to_owned() }).inc();
+    }
+
+    /// A pod was nudged (`true`) or the nudge failed.
+    pub fn pod_nudged(&self, sent: bool) {
+        let outcome = if sent { "sent" } else { "failed" };
+        self.nudges.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// Pods kept in memory.
+    pub fn set_pods(&self, n: usize) {
+        self.pods.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A watch of `resource` delivered an event.

@@ -36,6 +36,7 @@ fn text(v: &serde_yaml::Value) -> String {
     match v {
         serde_yaml::Value::String(s) => s.clone(),
         serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::Bool(b) => b.to_string(),
         other => panic!("not a scalar: {other:?}"),
     }
 }
@@ -60,6 +61,7 @@ fn the_charts_defaults_are_the_operators() {
         ("tokenRequests.maxPerSecondPerServer", "max-requests-per-second-per-server"),
         ("leaderElection.leaseDuration", "leader-election-lease-duration"),
         ("leaderElection.renewGrace", "leader-election-renew-grace"),
+        ("podNudge.enabled", "nudge-pods"),
     ];
     let differ: Vec<String> = pairs
         .iter()

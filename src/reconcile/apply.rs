@@ -6,9 +6,10 @@
 //!
 //! Nothing here reads from the API: what it needs was read by the read stage.
 
+use futures::StreamExt as _;
 use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -20,13 +21,14 @@ use tracing::{debug, info, warn};
 use super::Context;
 use super::decide::{self, Decision, FetchReason, Inputs};
 use super::read::{Learned, Prepared, Presented, TokenSecret};
-use crate::api::{RegistryAccess, RegistryAccessStatus};
+use crate::api::{RegistryAccess, RegistryAccessStatus, TOKEN_WRITTEN_ANNOTATION};
 use crate::failure::{Error, Problem, reason, within};
 use crate::keycloak::assertion::Credential;
 use crate::keycloak::token::TokenFacts;
 use crate::requests::issuer::{Job, OwnedRequest};
 use crate::requests::state::{Completed, Known};
 use crate::secret::{self, HeldToken, MANAGED_BY_LABEL, MANAGER, Observed, RETIRED_ANNOTATION};
+use crate::watch::index::Key;
 
 /// What the apply stage did about the token.
 pub enum Step {
@@ -200,7 +202,9 @@ async fn keep(ra: &RegistryAccess, ctx: &Context, token: &TokenSecret) -> Result
     let desired = secret::build(ra, &full, inputs.as_deref().unwrap_or_default());
     let resource_version = if secret::needs_apply(&desired, live) {
         info!(secret = %ra.token_secret_name(), "restoring token Secret");
-        token_secret(ctx, ra, &desired, false).await?
+        let version = token_secret(ctx, ra, &desired, false).await?;
+        nudge(ctx, ra, &version);
+        version
     } else {
         live.metadata.resource_version.clone().unwrap_or_default()
     };
@@ -242,6 +246,7 @@ async fn store(ra: &RegistryAccess, ctx: &Context, i: &Inputs<'_>, done: Complet
                 expires_at = %secret::rfc3339(facts.expires_at),
                 "token refreshed"
             );
+            nudge(ctx, ra, &resource_version);
             let held = HeldToken { token: facts.clone(), inputs: Some(done.inputs) };
             let known = Known { resource_version, generation: ra.metadata.generation, held };
             ctx.states.set_known(uid, Some(known));
@@ -378,6 +383,47 @@ const MINTED_LIFETIME_SECS: i64 = 600;
 fn deadline(expires_at: Timestamp, failed_attempt: Duration, now: Timestamp) -> std::time::Instant {
     let left = Duration::try_from(expires_at.duration_since(now)).unwrap_or(Duration::ZERO);
     std::time::Instant::now() + left.saturating_sub(failed_attempt)
+}
+
+/// Pods of one token Secret nudged at once.
+const NUDGE_CONCURRENCY: usize = 8;
+
+/// Tells the running pods that mount `ra`'s token Secret as a volume that it was written (at
+/// `version`): one patch of one annotation each, concurrently up to [`NUDGE_CONCURRENCY`], in a
+/// task of its own, so that a slow or refused nudge never delays the refresh (the kubelet's
+/// periodic sync still delivers). Each patch carries the pod's uid as a precondition: a pod
+/// replaced under the same name meanwhile is left alone.
+fn nudge(ctx: &Context, ra: &RegistryAccess, version: &str) {
+    if !ctx.nudge_pods || ra.spec.nudge_pods == Some(false) {
+        return;
+    }
+    let secret = Key::new(&ra.namespace().unwrap_or_default(), &ra.token_secret_name());
+    let pods = ctx.pods.mounting(&secret);
+    if pods.is_empty() {
+        return;
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &secret.namespace);
+    let (metrics, timeout) = (ctx.metrics.clone(), ctx.api_timeout);
+    let value = format!("{}@{version}", secret.name);
+    tokio::spawn(async move {
+        futures::stream::iter(pods)
+            .for_each_concurrent(NUDGE_CONCURRENCY, |pod| {
+                let (api, metrics, value) = (&api, &metrics, &value);
+                async move {
+                    let patch = json!({
+                        "metadata": {"uid": pod.uid, "annotations": {TOKEN_WRITTEN_ANNOTATION: value}},
+                    });
+                    let sent =
+                        within(timeout, api.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))).await;
+                    metrics.pod_nudged(sent.is_ok());
+                    match sent {
+                        Ok(_) => debug!(pod = %pod.name, "pod nudged"),
+                        Err(e) => debug!(pod = %pod.name, error = %e, "pod nudge failed; the kubelet's sync delivers"),
+                    }
+                }
+            })
+            .await;
+    });
 }
 
 /// Applies the token Secret; returns its new resourceVersion. With `create`, the Secret was not

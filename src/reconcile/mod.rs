@@ -67,6 +67,11 @@ pub struct Context {
     pub minted: Minted,
     /// CA bundles shared by queued requests.
     pub bundles: crate::keycloak::trust::Bundles,
+    /// The pods of the namespaces with objects, as token delivery needs them.
+    pub pods: Arc<crate::watch::pods::Pods>,
+    /// Pods that mount a token Secret are nudged after each write (`--nudge-pods`), where the
+    /// object allows it.
+    pub nudge_pods: bool,
     undecodable: Mutex<HashSet<Key>>,
     /// The objects that exist, by the watch: key -> uid.
     live: Mutex<std::collections::HashMap<Key, String>>,
@@ -87,6 +92,8 @@ pub struct Settings {
     pub failed_attempt: Duration,
     /// This operator instance's name in Events; the operator's name when `None`.
     pub instance: Option<String>,
+    /// Whether pods are nudged after a token Secret write.
+    pub nudge_pods: bool,
 }
 
 impl Context {
@@ -111,6 +118,8 @@ impl Context {
             failed_attempt: settings.failed_attempt,
             minted: Minted::default(),
             bundles: Default::default(),
+            pods: Default::default(),
+            nudge_pods: settings.nudge_pods,
             undecodable: Mutex::new(HashSet::new()),
             live: Mutex::default(),
             watch_logged: Mutex::default(),
@@ -263,7 +272,15 @@ async fn reconcile_object(ra: &RegistryAccess, ctx: &Context) -> Result<Action, 
     let conflict = matches!(step, Step::Conflict);
     let upcoming = read::spec_problem(ra, &ctx.policy).or(client_problem);
     let plan = held.as_ref().map(|t| decide::plan_for(t, renew_before, &uid));
-    let timing = plan.as_ref().and_then(|p| schedule::timing_warning(p, renew_before.requested, ctx.mount_delay));
+    // A pod that reads the token once cannot be helped by any timing: that comes first.
+    let readers: Vec<_> = ctx
+        .pods
+        .fixed_readers(&Key::new(&ra.namespace().unwrap_or_default(), &secret_name))
+        .into_iter()
+        .map(|(pod, f)| (pod, f.container, f.key, f.how.as_str()))
+        .collect();
+    let timing = schedule::read_once_warning(&secret_name, &readers, plan.as_ref().map(|p| p.lifetime))
+        .or_else(|| plan.as_ref().and_then(|p| schedule::timing_warning(p, renew_before.requested, ctx.mount_delay)));
     let status = status::build(&StatusInputs {
         now,
         generation: ra.metadata.generation,
@@ -353,6 +370,7 @@ mod tests {
             mount_delay: Duration::from_secs(90),
             failed_attempt: Duration::from_secs(17),
             instance: None,
+            nudge_pods: true,
         };
         (Context::new(client, metrics, (states, index), issuer, settings), handle)
     }

@@ -198,6 +198,50 @@ pub fn jitter_from(seed: &str) -> f64 {
     (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Pods named at most in a [`read_once_warning`]; the rest are counted.
+const MAX_PODS_NAMED: usize = 3;
+
+/// The warning for running pods that read the token in a way that never sees a new one (an
+/// environment variable, a subPath mount) of the token's access_token or authorization key, or
+/// all its keys; `None` when there are none. `readers`: (pod, container, key, how), sorted.
+pub fn read_once_warning(
+    secret: &str,
+    readers: &[(String, String, Option<String>, &'static str)],
+    lifetime: Option<SignedDuration>,
+) -> Option<(&'static str, String)> {
+    use crate::secret::{KEY_ACCESS_TOKEN, KEY_AUTHORIZATION};
+    let token_key = |k: &Option<String>| {
+        k.as_deref().is_none_or(|k| {
+            k.trim_start_matches("./") == KEY_ACCESS_TOKEN || k.trim_start_matches("./") == KEY_AUTHORIZATION
+        })
+    };
+    let relevant: Vec<_> = readers.iter().filter(|(_, _, key, _)| token_key(key)).collect();
+    let (pod, container, key, how) = relevant.first()?;
+    let safe = |s: &str| crate::text::foreign(s, 253);
+    let what = match key {
+        Some(k) => format!("key {}", safe(k)),
+        None => "keys".to_owned(),
+    };
+    let life = lifetime.map(|l| format!(" ({}s after it was issued)", l.as_secs())).unwrap_or_default();
+    let mut m = format!(
+        "pod {} (container {}) reads the token Secret {secret}'s {what} through {how}: it never sees a renewed \
+         token and its calls fail once the token it read expires{life}; mount the Secret as a volume without \
+         subPath and read the file each time it calls",
+        safe(pod),
+        safe(container),
+    );
+    let others: std::collections::BTreeSet<&str> =
+        relevant.iter().skip(1).map(|(p, ..)| p.as_str()).filter(|p| p != pod).collect();
+    if !others.is_empty() {
+        let named: Vec<String> = others.iter().take(MAX_PODS_NAMED).map(|p| safe(p)).collect();
+        m.push_str(&format!("; so do pods {}", named.join(", ")));
+        if others.len() > MAX_PODS_NAMED {
+            m.push_str(&format!(" and {} more", others.len() - MAX_PODS_NAMED));
+        }
+    }
+    Some((crate::failure::reason::TOKEN_READ_ONCE, m))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,5 +405,22 @@ mod tests {
             let j = jitter_from(s);
             assert!((0.0..1.0).contains(&j));
         }
+    }
+
+    #[test]
+    fn a_pod_reading_the_token_once_is_named_with_what_to_do() {
+        let r = |pod: &str, key: Option<&str>, how| (pod.to_owned(), "app".to_owned(), key.map(str::to_owned), how);
+        let env = "an environment variable (env[].valueFrom.secretKeyRef)";
+        assert_eq!(read_once_warning("t", &[r("p", Some("registry_url"), env)], None), None, "not the token");
+        let (why, m) = read_once_warning(
+            "ra-token",
+            &[r("p", Some("access_token"), env), r("q", None, "x"), r("q", Some("authorization"), "y")],
+            Some(SignedDuration::from_secs(300)),
+        )
+        .expect("a warning");
+        assert_eq!(why, crate::failure::reason::TOKEN_READ_ONCE);
+        assert!(m.contains("pod p (container app)") && m.contains("key access_token") && m.contains(env), "{m}");
+        assert!(m.contains("300s after it was issued") && m.contains("without subPath"), "{m}");
+        assert!(m.contains("so do pods q") && !m.contains("q, q"), "{m}");
     }
 }

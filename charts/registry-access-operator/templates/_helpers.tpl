@@ -68,6 +68,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.podNudge.enabled }}
+# Follow the pods of namespaces that have RegistryAccess objects (which Secrets they mount or
+# read through env/subPath), and change one annotation of a running pod that mounts a token
+# Secret after each write, so its kubelet updates the file at once. The admission policy
+# <release>-pod-nudge-only lets this identity change nothing else in a pod.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
 {{- end -}}
 
 
