@@ -2,7 +2,6 @@
 //! rendering and reading manifests, and a release whose operator runs as the chart's Deployment
 //! would run it.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -10,8 +9,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use serde_json::{Value, json};
 
-use crate::support::k8s::{self};
+use crate::support::k8s;
 use crate::support::keycloak::REALM;
+use crate::support::operator::Operator;
 use crate::support::process::free_port;
 use crate::support::{self, Env, Result, repo};
 
@@ -29,10 +29,65 @@ pub fn helm(env: &Env, args: &[&str]) -> Result<String> {
     env.helm(args)
 }
 
-/// A kubeconfig holding a token of the ServiceAccount (TokenRequest API).
-pub fn service_account_kubeconfig(env: &Env, ns: &str, sa: &str) -> Result<PathBuf> {
-    let token = env.cluster.kubectl(&["create", "token", sa, "-n", ns, "--duration=2h"])?;
-    env.cluster.kubeconfig_with_token(&format!("{ns}-{sa}"), token.trim())
+/// A release of the chart, installed with `helm install`.
+pub struct Release<'a> {
+    pub env: &'a Env,
+    pub name: String,
+    /// The release namespace.
+    pub ns: String,
+    /// The operator's ServiceAccount, which is also its Deployment's name (and the Lease's).
+    pub sa: String,
+}
+
+/// The operator started by [`Release::start_operator`], ready.
+pub struct Running {
+    pub operator: Operator,
+    /// Its probe and metrics port on loopback.
+    pub port: u16,
+    /// Its arguments, as the chart's Deployment gives them (the probe address moved to `port`).
+    pub args: Vec<String>,
+}
+
+impl<'a> Release<'a> {
+    /// `helm install <name>` of the chart into namespace `ns` (created), with `values` (`--set`
+    /// pairs).
+    pub fn install(env: &'a Env, name: &str, ns: &str, values: &[&str]) -> Result<Self> {
+        let chart = chart();
+        let mut args = vec!["install", name, chart.as_str(), "--namespace", ns, "--create-namespace"];
+        for v in values {
+            args.extend(["--set", v]);
+        }
+        helm(env, &args)?;
+        Ok(Self { env, name: name.to_owned(), ns: ns.to_owned(), sa: format!("{name}-registry-access-operator") })
+    }
+
+    /// The operator's binary run as the chart's Deployment runs it: with its arguments and a
+    /// token of the chart's ServiceAccount, as pod `pod` (POD_NAME and POD_NAMESPACE) when given.
+    /// Returns once its /readyz answers.
+    pub async fn start_operator(&self, pod: Option<&str>) -> Result<Running> {
+        let env = self.env;
+        let who = pod.unwrap_or(&self.name);
+        let token = env.cluster.kubectl(&["create", "token", &self.sa, "-n", &self.ns, "--duration=2h"])?;
+        let kubeconfig = env.cluster.kubeconfig_with_token(&format!("{}-{who}", self.ns), token.trim())?;
+        let (args, port) = deployment_args(env, &self.ns, &self.sa).await?;
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> =
+            pod.map(|pod| vec![("POD_NAME", pod), ("POD_NAMESPACE", self.ns.as_str())]).unwrap_or_default();
+        let log = env.path().join(format!("operator-chart-{who}.log"));
+        let operator = Operator::start_with_env(&kubeconfig, &log, &argv, &envs)?;
+        wait_ready_endpoint(port).await?;
+        Ok(Running { operator, port, args })
+    }
+
+    /// `kubectl auth can-i` as the operator's ServiceAccount.
+    pub fn can_i(&self, args: &[&str]) -> Result<bool> {
+        can_i(self.env, &self.ns, &self.sa, args)
+    }
+
+    pub fn uninstall(&self) -> Result<()> {
+        helm(self.env, &["uninstall", &self.name, "--namespace", &self.ns])?;
+        Ok(())
+    }
 }
 
 /// `kubectl auth can-i` as the ServiceAccount: true for "yes".

@@ -4,40 +4,36 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::Api;
+use kube::api::PostParams;
 use serde_json::json;
 
 use crate::common::*;
 use crate::support::k8s::{self, wait_condition};
 use crate::support::keycloak::REALM;
-use crate::support::operator::Operator;
 use crate::support::{self, Env, Result};
 
 pub async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc<Env>) -> Result<()> {
-    let (ns, sa) = ("rao-system", "rao-registry-access-operator");
     // The test Keycloak serves plain http.
-    helm(
-        &env,
-        &["install", "rao", &chart(), "--namespace", ns, "--create-namespace", "--set", "allowInsecureHttp=true"],
-    )?;
-    let kubeconfig = service_account_kubeconfig(&env, ns, sa)?;
-    let (args, port) = deployment_args(&env, ns, sa).await?;
+    let release = Release::install(&env, "rao", "rao-system", &["allowInsecureHttp=true"])?;
+    let (ns, sa) = (release.ns.as_str(), release.sa.as_str());
+    let Running { mut operator, args, .. } = release.start_operator(None).await?;
     assert!(
         !args.iter().any(|a| a.starts_with("--namespace")),
         "cluster-wide mode must watch all namespaces: {args:?}"
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut operator = Operator::start(&kubeconfig, &env.path().join("operator-chart-cluster.log"), &args)?;
-    wait_ready_endpoint(port).await?;
 
     // The permissions are the least the operator needs.
-    assert!(can_i(&env, ns, sa, &["list", "secrets", "-A"])?);
-    assert!(can_i(
-        &env,
-        ns,
-        sa,
-        &["patch", "registryaccesses.registry-access.io", "--subresource=status", "-n", "anywhere"]
-    )?);
+    assert!(release.can_i(&["list", "secrets", "-A"])?);
+    assert!(release.can_i(&[
+        "patch",
+        "registryaccesses.registry-access.io",
+        "--subresource=status",
+        "-n",
+        "anywhere"
+    ])?);
     for denied in [
         ["delete", "secrets"],
         ["update", "secrets"],
@@ -45,7 +41,7 @@ pub async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc
         ["update", "registryaccesses.registry-access.io"],
         ["delete", "registryaccesses.registry-access.io"],
     ] {
-        assert!(!can_i(&env, ns, sa, &[denied[0], denied[1], "-A"])?, "the chart grants {} {}", denied[0], denied[1]);
+        assert!(!release.can_i(&[denied[0], denied[1], "-A"])?, "the chart grants {} {}", denied[0], denied[1]);
     }
 
     let admin = env.cluster.client().await?;
@@ -80,7 +76,7 @@ pub async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc
         &env,
         &[
             "upgrade",
-            "rao",
+            &release.name,
             &chart(),
             "--namespace",
             ns,
@@ -95,11 +91,25 @@ pub async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc
     let (args, _) = deployment_args(&env, ns, sa).await?;
     assert!(args.contains(&"--log-level=debug".to_owned()) && args.contains(&"--concurrency=4".to_owned()), "{args:?}");
 
-    // Uninstalling the operator leaves the users' tokens alone.
+    // Uninstalling the operator leaves the users' tokens alone. The positive sign that the
+    // garbage collector has dealt with what the uninstall deleted: a ConfigMap owned by the
+    // release's ClusterRole is collected.
     operator.stop();
     support::case::assert_nothing_leaked(&admin, app, &operator.logs(), &Default::default()).await?;
-    helm(&env, &["uninstall", "rao", "--namespace", ns])?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let role = Api::<ClusterRole>::all(admin.clone()).get(sa).await?;
+    let owner = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "name": sa,
+        "uid": role.metadata.uid.ok_or("the ClusterRole has no uid")?});
+    let sentinel: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "owned-by-the-release", "ownerReferences": [owner]}}))?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), app);
+    config_maps.create(&PostParams::default(), &sentinel).await?;
+    release.uninstall()?;
+    support::case::wait_until(
+        "the ConfigMap the release's ClusterRole owned collected",
+        Duration::from_secs(60),
+        || async { config_maps.get_opt("owned-by-the-release").await.is_ok_and(|c| c.is_none()) },
+    )
+    .await?;
     assert!(
         k8s::secret_data(&admin, app, "svc-token").await?.is_some_and(|d| d.contains_key("access_token")),
         "uninstall removed a token Secret"
@@ -109,38 +119,20 @@ pub async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc
 }
 
 pub async fn namespaced_install_is_limited_to_its_namespaces(env: Arc<Env>) -> Result<()> {
-    let (ns, sa) = ("rao-team-system", "rao-team-registry-access-operator");
     let admin = env.cluster.client().await?;
     for n in ["team-a", "team-b"] {
         k8s::create_namespace(&admin, n).await?;
     }
-    helm(
-        &env,
-        &[
-            "install",
-            "rao-team",
-            &chart(),
-            "--namespace",
-            ns,
-            "--create-namespace",
-            "--set",
-            "allowInsecureHttp=true",
-            "--set",
-            "watchNamespaces={team-a}",
-        ],
-    )?;
-    let kubeconfig = service_account_kubeconfig(&env, ns, sa)?;
-    let (args, port) = deployment_args(&env, ns, sa).await?;
+    let release =
+        Release::install(&env, "rao-team", "rao-team-system", &["allowInsecureHttp=true", "watchNamespaces={team-a}"])?;
+    let Running { mut operator, args, .. } = release.start_operator(None).await?;
     assert!(args.contains(&"--namespace=team-a".to_owned()), "{args:?}");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut operator = Operator::start(&kubeconfig, &env.path().join("operator-chart-team.log"), &args)?;
-    wait_ready_endpoint(port).await?;
 
-    assert!(can_i(&env, ns, sa, &["list", "secrets", "-n", "team-a"])?);
+    assert!(release.can_i(&["list", "secrets", "-n", "team-a"])?);
     for (verb, resource) in [("list", "secrets"), ("get", "secrets"), ("list", "registryaccesses.registry-access.io")] {
-        assert!(!can_i(&env, ns, sa, &[verb, resource, "-n", "team-b"])?, "{verb} {resource} allowed in team-b");
+        assert!(!release.can_i(&[verb, resource, "-n", "team-b"])?, "{verb} {resource} allowed in team-b");
     }
-    assert!(!can_i(&env, ns, sa, &["list", "secrets", "-A"])?, "cluster-wide secrets access in namespaced mode");
+    assert!(!release.can_i(&["list", "secrets", "-A"])?, "cluster-wide secrets access in namespaced mode");
 
     let client = env.keycloak.create_client(REALM, "chart-team", Some(20), true).await?;
     for n in ["team-a", "team-b"] {
@@ -158,40 +150,18 @@ pub async fn namespaced_install_is_limited_to_its_namespaces(env: Arc<Env>) -> R
     assert!(!operator.logs().to_lowercase().contains("forbidden"), "{}", support::process::tail(&operator.log, 20));
     operator.stop();
     support::case::assert_nothing_leaked(&admin, "team-a", &operator.logs(), &Default::default()).await?;
-    helm(&env, &["uninstall", "rao-team", "--namespace", ns])?;
-    Ok(())
+    release.uninstall()
 }
 
 pub async fn leader_election_works_with_the_chart_permissions(env: Arc<Env>) -> Result<()> {
-    let (ns, sa) = ("rao-ha-system", "rao-ha-registry-access-operator");
     let admin = env.cluster.client().await?;
     k8s::create_namespace(&admin, "ha-team").await?;
-    helm(
-        &env,
-        &[
-            "install",
-            "rao-ha",
-            &chart(),
-            "--namespace",
-            ns,
-            "--create-namespace",
-            "--set",
-            "allowInsecureHttp=true",
-            "--set",
-            "replicaCount=2",
-            "--set",
-            "watchNamespaces={ha-team}",
-        ],
-    )?;
-    let kubeconfig = service_account_kubeconfig(&env, ns, sa)?;
-    let (args, port) = deployment_args(&env, ns, sa).await?;
+    let values = ["allowInsecureHttp=true", "replicaCount=2", "watchNamespaces={ha-team}"];
+    let release = Release::install(&env, "rao-ha", "rao-ha-system", &values)?;
+    let Running { mut operator, args, .. } = release.start_operator(Some("rao-ha-0")).await?;
     assert!(args.contains(&"--leader-election".to_owned()), "two replicas without leader election: {args:?}");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let envs = [("POD_NAME", "rao-ha-0"), ("POD_NAMESPACE", ns)];
-    let mut operator = Operator::start_with_env(&kubeconfig, &env.path().join("operator-chart-ha.log"), &args, &envs)?;
-    wait_ready_endpoint(port).await?;
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
-    let lease_name = "rao-ha-registry-access-operator";
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), &release.ns);
+    let lease_name = release.sa.as_str();
     support::process::wait_for("the Lease held by rao-ha-0", Duration::from_secs(30), || {
         let leases = leases.clone();
         async move {
@@ -210,6 +180,5 @@ pub async fn leader_election_works_with_the_chart_permissions(env: Arc<Env>) -> 
     // SIGTERM released the Lease.
     let holder = leases.get(lease_name).await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     assert!(holder.is_empty(), "the Lease is still held by {holder:?} after SIGTERM");
-    helm(&env, &["uninstall", "rao-ha", "--namespace", ns])?;
-    Ok(())
+    release.uninstall()
 }

@@ -9,7 +9,6 @@ use serde_json::json;
 use crate::common::*;
 use crate::support::k8s::{self, wait_condition};
 use crate::support::keycloak::REALM;
-use crate::support::operator::Operator;
 use crate::support::{self, Env, Result};
 
 /// Users bound to the standard `edit` role manage RegistryAccess objects in their namespace, users
@@ -31,7 +30,7 @@ pub async fn tenants_use_registryaccess_through_the_standard_roles(env: Arc<Env>
     };
     assert!(!can("editor", "create", &[])?, "edit included RegistryAccess before the chart was installed");
 
-    helm(&env, &["install", "rao-tenants", &chart(), "--namespace", ns, "--create-namespace"])?;
+    let release = Release::install(&env, "rao-tenants", ns, &[])?;
     // The aggregation controller merges the chart's rules into the standard roles.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !can("editor", "create", &[])? {
@@ -71,7 +70,7 @@ pub async fn tenants_use_registryaccess_through_the_standard_roles(env: Arc<Env>
         .ok_or("a viewer deleted a RegistryAccess")?;
     assert!(refused.to_string().contains("forbidden"), "{refused}");
 
-    helm(&env, &["uninstall", "rao-tenants", "--namespace", ns])?;
+    release.uninstall()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while can("editor", "create", &[])? {
         if Instant::now() > deadline {
@@ -86,7 +85,6 @@ pub async fn tenants_use_registryaccess_through_the_standard_roles(env: Arc<Env>
 /// chart's ValidatingAdmissionPolicy), with the same prefix rule as the operator's, only in the
 /// release's namespaces; an allowed one is admitted and served.
 pub async fn the_admission_policy_refuses_servers_outside_the_allow_list(env: Arc<Env>) -> Result<()> {
-    let (ns, sa, release) = ("rao-vap-system", "rao-vap-registry-access-operator", "rao-vap");
     let (team, other) = ("vap-team", "vap-other");
     let admin = env.cluster.client().await?;
     for n in [team, other] {
@@ -109,23 +107,10 @@ pub async fn the_admission_policy_refuses_servers_outside_the_allow_list(env: Ar
 
     let kc = env.keycloak.base_url.clone(); // http://127.0.0.1:<port>/auth
     let allowed = vec![kc.clone(), "https://kc.example.com/auth".to_owned()];
-    helm(
-        &env,
-        &[
-            "install",
-            release,
-            &chart(),
-            "--namespace",
-            ns,
-            "--create-namespace",
-            "--set",
-            "allowInsecureHttp=true",
-            "--set",
-            &format!("watchNamespaces={{{team}}}"),
-            "--set",
-            &format!("allowedServers={{{}}}", allowed.join(",")),
-        ],
-    )?;
+    let (watched, allowed_servers) =
+        (format!("watchNamespaces={{{team}}}"), format!("allowedServers={{{}}}", allowed.join(",")));
+    let release =
+        Release::install(&env, "rao-vap", "rao-vap-system", &["allowInsecureHttp=true", &watched, &allowed_servers])?;
 
     // Policies reach the API server's admission asynchronously: try until the refusal comes.
     let create_dry = |user: &str, ns: &str, name: &str, server: &str| {
@@ -195,11 +180,7 @@ pub async fn the_admission_policy_refuses_servers_outside_the_allow_list(env: Ar
     assert!(admitted_any);
 
     // An allowed server is admitted, and the operator with the chart's arguments serves it.
-    let kubeconfig = service_account_kubeconfig(&env, ns, sa)?;
-    let (args, probe) = deployment_args(&env, ns, sa).await?;
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut operator = Operator::start(&kubeconfig, &env.path().join("operator-chart-vap.log"), &args)?;
-    wait_ready_endpoint(probe).await?;
+    let mut operator = release.start_operator(None).await?.operator;
     let client = env.keycloak.create_client(REALM, "chart-vap", Some(60), true).await?;
     k8s::put_client_secret(&admin, team, "creds", &[("client_secret", &client.secret)]).await?;
     kubectl_as_user(&env, &editor, &["apply", "-f", "-"], Some(&ra_object(team, "svc", &kc)))?;
@@ -236,9 +217,9 @@ pub async fn the_admission_policy_refuses_servers_outside_the_allow_list(env: Ar
     operator.check_alive()?;
     assert!(!operator.logs().to_lowercase().contains("forbidden"), "{}", support::process::tail(&operator.log, 20));
     operator.stop();
-    helm(&env, &["uninstall", release, "--namespace", ns])?;
+    release.uninstall()?;
     assert!(
-        env.cluster.kubectl(&["get", "validatingadmissionpolicy", &format!("{sa}-allowed-servers")]).is_err(),
+        env.cluster.kubectl(&["get", "validatingadmissionpolicy", &format!("{}-allowed-servers", release.sa)]).is_err(),
         "the admission policy outlived the release"
     );
     Ok(())
