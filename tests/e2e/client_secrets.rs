@@ -12,7 +12,8 @@ use serde_json::json;
 use crate::support::case::*;
 use crate::support::k8s::{self, condition, wait_condition};
 use crate::support::keycloak::REALM;
-use crate::support::{Env, Result};
+use crate::support::metrics::wait_idle;
+use crate::support::{self, Env, Result};
 
 /// A rotated client secret is used at once; a wrong one keeps the last good token.
 pub async fn rotated_and_wrong_client_secrets(env: Arc<Env>) -> Result<()> {
@@ -96,7 +97,9 @@ pub async fn client_secrets_stay_in_their_namespace(env: Arc<Env>) -> Result<()>
 /// A Secret that did not opt in is never sent, even holding the right client secret: its reason
 /// says how to opt in, Keycloak counts no grant, and the value appears nowhere. Labelled, it is.
 pub async fn a_client_secret_that_did_not_opt_in_is_never_sent(env: Arc<Env>) -> Result<()> {
-    let c = Case::new(env, "opt-in").await?;
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_operator_args(env, "opt-in", &[probe.as_str()]).await?;
     let client_id = unique("opt-in");
     let kc_client = c.kc().create_client(REALM, &client_id, None, true).await?;
     c.sensitive(&kc_client.secret);
@@ -107,7 +110,10 @@ pub async fn a_client_secret_that_did_not_opt_in_is_never_sent(env: Arc<Env>) ->
             .await?;
     let message = condition(&s, "Ready").ok_or("no Ready")?.2;
     assert!(message.contains("registry-access.io/client-secret=true"), "{message}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The condition is the positive sign: the reconcile that wrote it looked at the Secret and
+    // refused it. Nothing was asked of Keycloak, nor is anything waiting to be.
+    let activity = wait_idle(port).await?;
+    assert_eq!(activity.token_requests, 0.0, "the operator sent a token request: {activity:?}");
     assert_eq!(c.kc().grants(REALM, &client_id).await?, 0, "a Secret that did not opt in reached Keycloak");
     assert!(c.token_secret("sneaky-token").await?.is_none());
 
@@ -124,17 +130,30 @@ pub async fn a_client_secret_that_did_not_opt_in_is_never_sent(env: Arc<Env>) ->
 /// Labels, annotations or a new resourceVersion of the client Secret issue no token; a new value
 /// does, once.
 pub async fn only_a_new_client_secret_value_issues_a_token(env: Arc<Env>) -> Result<()> {
-    let c = Case::new(env, "touch").await?;
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_operator_args(env, "touch", &[probe.as_str()]).await?;
     let (client_id, client) = c.client_with_creds("touch", None).await?;
     c.ra("t", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("t").await?;
     let first = c.access_token("t-token").await?;
     let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.ns);
+    let requests_before = wait_idle(port).await?.token_requests;
     let before = secrets.get("creds").await?.metadata.resource_version;
     let touch = json!({"metadata": {"labels": {"backup": "nightly"}, "annotations": {"restored-by": "velero"}}});
     secrets.patch("creds", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&touch)).await?;
     assert_ne!(secrets.get("creds").await?.metadata.resource_version, before);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The positive sign that the operator has looked at the object since the touch: an edit of
+    // the token Secret's header key made after it (the Secret watch delivers both in order) is
+    // undone, from the same token.
+    k8s::put_secret(&c.client, &c.ns, "t-token", &[("authorization", "Bearer forged")]).await?;
+    wait_until("the token Secret's header restored after the touch", Duration::from_secs(15), || async {
+        let d = c.token_secret("t-token").await.ok().flatten().unwrap_or_default();
+        d.get("authorization") == Some(&format!("Bearer {first}"))
+    })
+    .await?;
+    let activity = wait_idle(port).await?;
+    assert_eq!(activity.token_requests, requests_before, "touching the client Secret sent a token request");
     assert_eq!(c.kc().grants(REALM, &client_id).await?, 1, "touching the client Secret issued a token");
     assert!(c.access_token("t-token").await? == first, "the token was replaced");
 

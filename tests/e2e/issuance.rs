@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 use crate::support::case::*;
 use crate::support::k8s::{condition, wait_condition};
 use crate::support::keycloak::{self, REALM, ROLE};
-use crate::support::{Env, Result};
+use crate::support::metrics::wait_idle;
+use crate::support::{self, Env, Result};
 
 /// The documented case: test-ext in consent-01-external-system gets a verified token.
 pub async fn issues_a_verified_token_for_the_documented_client(env: Arc<Env>) -> Result<()> {
@@ -111,7 +112,9 @@ pub async fn refreshes_before_every_expiry(env: Arc<Env>) -> Result<()> {
 
 /// The refresh annotation issues one new token per new value.
 pub async fn refresh_on_demand(env: Arc<Env>) -> Result<()> {
-    let c = Case::new(env, "on-demand").await?;
+    let port = support::process::free_port()?;
+    let probe = format!("--probe-addr=127.0.0.1:{port}");
+    let c = Case::with_operator_args(env, "on-demand", &[probe.as_str()]).await?;
     let (client_id, _) = c.client_with_creds("ondemand", None).await?;
     c.ra("od", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("od").await?;
@@ -134,8 +137,21 @@ pub async fn refresh_on_demand(env: Arc<Env>) -> Result<()> {
     .await?;
     assert_eq!(c.kc().grants(REALM, &client_id).await?, 2);
     // Another annotation, same request value: nothing new.
+    let before = wait_idle(port).await?;
     c.env.cluster.kubectl(&["annotate", "-n", &c.ns, "registryaccess", "od", "note=unrelated", "--overwrite"])?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The positive sign that the operator has looked at the object since: a spec change made
+    // after the annotation (the watch delivers them in order) that needs no token is applied to
+    // the token Secret.
+    let mut spec = c.spec(c.kc(), &client_id, "creds");
+    spec["secret"] = json!({"labels": {"after-note": "yes"}});
+    c.ra("od", spec).await?;
+    wait_until("the spec change after the annotation applied", Duration::from_secs(15), || async {
+        let s = Api::<Secret>::namespaced(c.client.clone(), &c.ns).get("od-token").await;
+        s.is_ok_and(|s| s.metadata.labels.unwrap_or_default().get("after-note").map(String::as_str) == Some("yes"))
+    })
+    .await?;
+    let after = wait_idle(port).await?;
+    assert_eq!(after.token_requests, before.token_requests, "the same request value sent another token request");
     assert_eq!(c.kc().grants(REALM, &client_id).await?, 2, "the same request value issued another token");
     let second = c.access_token("od-token").await?;
     annotate("again")?;
