@@ -49,10 +49,14 @@ tenants_log=$(mktemp)
 trap 'rm -f "$log" "$node_log" "$tenants_log"' EXIT
 ( log=/dev/null; phase "tenants suite (hostile namespaces beside an honest one)" cargo test --locked --test tenants ) >"$tenants_log" 2>&1 &
 tenants_pid=$!
+# Every other test target: a file tests/<name>.rs or a folder tests/<name>/main.rs (tests/support
+# is shared code, not a target).
 others=()
-for f in tests/*.rs; do
+for f in tests/*.rs tests/*/main.rs; do
+  [[ -e $f ]] || continue
   t=$(basename "$f" .rs)
-  [[ $t == node || $t == tenants ]] || others+=(--test "$t")
+  [[ $t == main ]] && t=$(basename "$(dirname "$f")")
+  [[ $t == support || $t == node || $t == tenants ]] || others+=(--test "$t")
 done
 phase "cargo test (unit, CRD drift, docs, token client, fuzzing, end-to-end, faults, isolation, Helm chart)" \
   cargo test --locked --lib --bins --examples "${others[@]}"

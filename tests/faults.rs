@@ -325,10 +325,24 @@ async fn control_plane_restart_is_survived(env: Arc<Env>) -> Result<()> {
     let t = Instant::now();
     env.cluster.restart_control_plane().await?;
     eprintln!("[faults] control plane restarted in {:.1}s", t.elapsed().as_secs_f64());
-    // Two token lifetimes later, both objects hold newer tokens and are Ready.
-    tokio::time::sleep(Duration::from_secs(45)).await;
+    // Refreshes continue: each object gets two tokens issued after the restart (the watches
+    // are back and renewals go on), and is Ready.
+    let restarted = Timestamp::now().as_second();
     let client = env.cluster.client().await?;
     c.client = client;
+    let issued_after = std::sync::Mutex::new(vec![std::collections::BTreeSet::<String>::new(); 2]);
+    wait_until("two tokens per object issued after the restart", Duration::from_secs(90), || async {
+        for (i, n) in ["a", "b"].iter().enumerate() {
+            let Ok(Some(d)) = k8s::secret_data(&c.client, &c.ns, &format!("{n}-token")).await else { continue };
+            let Some(t) = d.get("access_token") else { continue };
+            let iat = jsonwebtoken::dangerous::insecure_decode::<Value>(t).ok().and_then(|d| d.claims["iat"].as_i64());
+            if iat.is_some_and(|iat| iat > restarted) {
+                issued_after.lock().unwrap()[i].insert(t.clone());
+            }
+        }
+        issued_after.lock().unwrap().iter().all(|s| s.len() >= 2)
+    })
+    .await?;
     for (n, old) in ["a", "b"].iter().zip(&before) {
         let s = wait_condition(&c.client, &c.ns, n, "Ready", "True", "TokenValid", Duration::from_secs(30)).await?;
         let now = c.access_token(&format!("{n}-token")).await?;

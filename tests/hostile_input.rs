@@ -4,15 +4,23 @@
 //!
 //! Runs for FUZZ_SECONDS (default 20, to keep `make test` short) in the suite; a longer run is
 //! `FUZZ_SECONDS=3600 cargo test --release --test hostile_input -- --nocapture`.
+//!
+//! Runs are replayable: the inputs follow from a seed alone, printed at the start of the run and
+//! on failure. The seed is FUZZ_SEED when set (a number, or `random` for a fresh one, printed like
+//! any other), else [`DEFAULT_SEED`], so that every `make test` generates the same inputs. The same
+//! seed generates the same inputs in the same order: `FUZZ_SEED=<seed>` with at least the
+//! FUZZ_SECONDS of the failed run replays a failure. Proptest also shrinks a failing input and
+//! saves its case to tests/hostile_input.proptest-regressions, which every later run tries first
+//! (commit that file when it holds a real failure).
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jiff::Timestamp;
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestRunner};
 use registry_access_operator::keycloak::jwt::decode_claims;
 use registry_access_operator::keycloak::token::{TokenError, classify_failure, parse_success};
 use reqwest::StatusCode;
@@ -85,6 +93,47 @@ fn jwt_like() -> impl Strategy<Value = String> {
     ]
 }
 
+/// The seed of runs that do not set FUZZ_SEED: every such run generates the same inputs.
+const DEFAULT_SEED: u64 = 20_260_001;
+/// Inputs per proptest run; runs follow one another until FUZZ_SECONDS are spent.
+const BATCH: u32 = 64;
+
+/// The seed of this run: FUZZ_SEED (a number, or `random`), else [`DEFAULT_SEED`].
+fn seed() -> u64 {
+    match std::env::var("FUZZ_SEED") {
+        Ok(s) if s.trim() == "random" => rand::random(),
+        Ok(s) => s.trim().parse().unwrap_or_else(|_| panic!("FUZZ_SEED={s:?} is neither a number nor `random`")),
+        Err(_) => DEFAULT_SEED,
+    }
+}
+
+/// Every batch's configuration: `BATCH` cases, a failing input shrunk and its case saved beside
+/// this file.
+fn config() -> Config {
+    Config {
+        cases: BATCH,
+        source_file: Some(file!()),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..Config::default()
+    }
+}
+
+/// What one round gets: a token response body, a failure's status and body, a token.
+type Round = (Vec<u8>, (u16, Vec<u8>), String);
+
+fn round() -> impl Strategy<Value = Round> {
+    (body(), (300u16..600, body()), jwt_like())
+}
+
+/// The runner of the next batch: its RNG drawn from `seeds`, which `seed` alone determines.
+fn next_batch(seeds: &mut TestRunner, config: Config) -> TestRunner {
+    TestRunner::new_with_rng(config, seeds.new_rng())
+}
+
+fn seeded(seed: u64) -> TestRunner {
+    TestRunner::new(Config { rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() })
+}
+
 fn check_token_response(body: &[u8]) {
     let now = Timestamp::from_second(1_700_000_000).unwrap();
     match parse_success(body, now) {
@@ -117,27 +166,64 @@ fn check_jwt(token: &str) {
     }
 }
 
+fn check_round((body, (status, failure), token): Round) {
+    check_token_response(&body);
+    check_failure(status, &failure);
+    check_jwt(&token);
+    // A token response around the generated token, as Keycloak would wrap it.
+    let wrapped = serde_json::json!({"access_token": token, "token_type": "Bearer"}).to_string();
+    check_token_response(wrapped.as_bytes());
+}
+
 #[test]
 fn hostile_responses_never_panic() {
-    let budget = Duration::from_secs(std::env::var("FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20));
-    let mut runner = TestRunner::new(Config::default());
-    let (bodies, statuses, tokens) = (body(), (300u16..600, body()), jwt_like());
+    let secs: u64 = std::env::var("FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let seed = seed();
+    eprintln!("hostile input: seed {seed} (FUZZ_SEED={seed} FUZZ_SECONDS={secs} replays this run)");
+    let (budget, strategy, mut seeds) = (Duration::from_secs(secs), round(), seeded(seed));
     let start = Instant::now();
-    let mut cases = 0u64;
+    let mut rounds = 0u64;
     while start.elapsed() < budget {
-        let b = bodies.new_tree(&mut runner).expect("generate").current();
-        check_token_response(&b);
-        let (s, b) = statuses.new_tree(&mut runner).expect("generate").current();
-        check_failure(s, &b);
-        let t = tokens.new_tree(&mut runner).expect("generate").current();
-        check_jwt(&t);
-        // A token response around the generated token, as Keycloak would wrap it.
-        let wrapped = serde_json::json!({"access_token": t, "token_type": "Bearer"}).to_string();
-        check_token_response(wrapped.as_bytes());
-        cases += 1;
+        let mut runner = next_batch(&mut seeds, config());
+        if let Err(e) = runner.run(&strategy, |r| {
+            check_round(r);
+            Ok(())
+        }) {
+            let mut e = e.to_string();
+            if e.len() > 4000 {
+                let cut = (0..=4000).rev().find(|i| e.is_char_boundary(*i)).unwrap_or(0);
+                e = format!("{}... ({} bytes)", &e[..cut], e.len());
+            }
+            panic!(
+                "hostile input failed with seed {seed} after {rounds} rounds; FUZZ_SEED={seed} FUZZ_SECONDS={secs} \
+                 replays the run, and the shrunk case is saved to tests/hostile_input.proptest-regressions: {e}"
+            );
+        }
+        rounds += u64::from(BATCH);
     }
-    println!("hostile input: {cases} rounds of 4 inputs in {:.0?}", start.elapsed());
-    assert!(cases > 100, "only {cases} rounds ran");
+    println!("hostile input: seed {seed}, {rounds} rounds of 4 inputs in {:.0?}", start.elapsed());
+    assert!(rounds > 100, "only {rounds} rounds ran");
+}
+
+/// Debug renderings of the first batch's rounds for `seed`.
+fn first_batch(seed: u64) -> Vec<String> {
+    let seen = Mutex::new(Vec::new());
+    let mut runner = next_batch(&mut seeded(seed), Config { failure_persistence: None, ..config() });
+    runner
+        .run(&round(), |r| {
+            seen.lock().unwrap().push(format!("{r:?}"));
+            Ok(())
+        })
+        .expect("a batch that checks nothing passes");
+    seen.into_inner().unwrap()
+}
+
+#[test]
+fn a_seed_generates_the_same_inputs_every_time() {
+    let (a, b) = (first_batch(DEFAULT_SEED), first_batch(DEFAULT_SEED));
+    assert_eq!(a.len(), BATCH as usize);
+    assert!(a == b, "the same seed generated different inputs");
+    assert!(first_batch(DEFAULT_SEED + 1) != a, "another seed generated the same inputs");
 }
 
 #[test]

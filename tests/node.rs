@@ -418,7 +418,7 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
     // Until the volume pod has read three renewed tokens and the first token has expired.
     let deadline = Instant::now() + Duration::from_secs(420);
     let (volume, subpath, env_var) = loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let volume = readings(&pods, "workload-volume").await?;
         let subpath = readings(&pods, "workload-subpath").await?;
         let env_var = readings(&pods, "workload-env").await?;
@@ -514,7 +514,7 @@ async fn pod_freshness(env: Arc<NodeEnv>) -> Result<()> {
         renewals * 133 / 60 + 3
     );
     let all = loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let mut all = Vec::new();
         for name in &names {
             all.push(readings(&pods, name).await.unwrap_or_default());

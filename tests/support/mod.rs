@@ -8,6 +8,7 @@ pub mod harness;
 pub mod http;
 pub mod k8s;
 pub mod keycloak;
+pub mod metrics;
 pub mod node;
 pub mod operator;
 pub mod pki;
