@@ -7,11 +7,13 @@ mod support;
 
 mod common;
 mod installs;
+mod pods;
 mod rendering;
 mod tenancy;
 mod upgrade;
 
 use installs::*;
+use pods::*;
 use rendering::*;
 use tenancy::*;
 use upgrade::*;
@@ -31,6 +33,7 @@ fn main() {
             tenants_use_registryaccess_through_the_standard_roles,
             the_admission_policy_refuses_servers_outside_the_allow_list,
             two_writers_during_an_upgrade_never_write_together,
+            the_operator_may_change_only_the_nudge_annotation_of_a_pod,
         ],
         1,
     )

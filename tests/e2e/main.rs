@@ -15,6 +15,7 @@ mod client_secrets;
 mod issuance;
 mod observability;
 mod plugin;
+mod pods;
 mod servers;
 mod token_secrets;
 
@@ -24,6 +25,7 @@ use client_secrets::*;
 use issuance::*;
 use observability::*;
 use plugin::*;
+use pods::*;
 use servers::*;
 use token_secrets::*;
 
@@ -57,6 +59,8 @@ fn main() {
             service_account_authenticates_without_any_secret,
             signed_jwt_client_authentication,
             required_roles_are_checked,
+            mounting_pods_are_nudged_after_each_new_token,
+            a_pod_that_reads_the_token_once_is_reported,
         ],
         4,
     )
