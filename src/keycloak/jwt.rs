@@ -49,23 +49,14 @@ pub enum JwtError {
 
 #[derive(Deserialize)]
 struct RawClaims {
-    #[serde(default)]
     exp: Option<NumericDate>,
-    #[serde(default)]
     iat: Option<NumericDate>,
-    #[serde(default)]
     realm_access: Option<RealmAccess>,
-    #[serde(default)]
     scope: Option<serde_json::Value>,
-    #[serde(default)]
     iss: Option<serde_json::Value>,
-    #[serde(default)]
     azp: Option<serde_json::Value>,
-    #[serde(default)]
     client_id: Option<serde_json::Value>,
-    #[serde(default)]
     sub: Option<serde_json::Value>,
-    #[serde(default)]
     aud: Option<serde_json::Value>,
 }
 

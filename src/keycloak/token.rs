@@ -433,13 +433,9 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ReadEr
 
 #[derive(Deserialize)]
 struct RawTokenResponse {
-    #[serde(default)]
     access_token: Option<serde_json::Value>,
-    #[serde(default)]
     token_type: Option<serde_json::Value>,
-    #[serde(default)]
     expires_in: Option<serde_json::Value>,
-    #[serde(default)]
     scope: Option<serde_json::Value>,
 }
 
@@ -522,9 +518,7 @@ fn expires_in_seconds(v: &serde_json::Value) -> Option<i64> {
 
 #[derive(Deserialize, Default)]
 struct OAuthError {
-    #[serde(default)]
     error: Option<String>,
-    #[serde(default)]
     error_description: Option<String>,
 }
 
