@@ -37,7 +37,9 @@ pub async fn cluster_wide_install_works_with_the_chart_permissions_only(env: Arc
     for denied in [
         ["delete", "secrets"],
         ["update", "secrets"],
-        ["list", "pods"],
+        ["create", "pods"],
+        ["update", "pods"],
+        ["delete", "pods"],
         ["update", "registryaccesses.registry-access.io"],
         ["delete", "registryaccesses.registry-access.io"],
     ] {

@@ -265,7 +265,18 @@ pub async fn renders_safe_defaults_for_a_shared_cluster(env: Arc<Env>) -> Result
     assert_eq!(binding["subjects"][0]["name"], fullname);
     // The metrics Service stays inside the cluster.
     assert_eq!(find(&docs, "Service", fullname, ns).ok_or("no Service")?["spec"]["type"], "ClusterIP");
-    assert_eq!(count(&docs, "ValidatingAdmissionPolicy"), 0, "an admission policy without an allow-list");
+    // No allow-list, so no allowed-servers policy; the pod policies of the nudge are there: the one
+    // that bounds what the operator may change in a pod, and the warning for tokens read once.
+    let policies: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .filter_map(|d| d["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        policies,
+        vec![format!("{fullname}-pod-nudge-only"), format!("{fullname}-token-read-once")],
+        "the default policies"
+    );
 
     // The API server admits the operator's pod with that priority class outside kube-system.
     let mut pod_spec = pod.clone();
@@ -396,6 +407,14 @@ pub async fn renders_safe_defaults_for_a_shared_cluster(env: Arc<Env>) -> Result
     // The digest key's Role is in the release namespace in namespaced mode too.
     assert!(find(&docs, "Role", &format!("{fullname}-digest-key"), ns).is_some());
     let docs = documents(&render(&env, ns, &[allowed, "admissionPolicy.enabled=false"])?);
+    assert!(find(&docs, "ValidatingAdmissionPolicy", &policy, "").is_none(), "the allowed-servers policy stayed");
+    // Without the nudge, no pod rights and no pod policy; without the warning, no warning policy.
+    let off = ["admissionPolicy.enabled=false", "podNudge.enabled=false", "admissionPolicy.warnReadOnce=false"];
+    let docs = documents(&render(&env, ns, &off)?);
     assert_eq!(count(&docs, "ValidatingAdmissionPolicy") + count(&docs, "ValidatingAdmissionPolicyBinding"), 0);
+    let role = find(&docs, "ClusterRole", fullname, "").ok_or("no ClusterRole")?;
+    assert!(!role["rules"].to_string().contains("\"pods\""), "pod rights without the nudge: {}", role["rules"]);
+    let deployment = find(&docs, "Deployment", fullname, ns).ok_or("no Deployment")?;
+    assert!(args_of(deployment).contains(&"--nudge-pods=false".to_owned()));
     Ok(())
 }
