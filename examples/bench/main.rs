@@ -18,7 +18,7 @@
 //!
 //! This file holds the parameters, the order of the phases, the table and the JSON report; the
 //! measuring is in the modules: [`baseline`] (the bare loops), [`operator`] (issuance, restart,
-//! idle, memory), [`refresh`] (routine refreshes), [`measure`] (/proc, kube-apiserver's and the
+//! idle, memory), [`refresh`] (routine refreshes), [`pods`] (the pod nudge's writes and memory), [`measure`] (/proc, kube-apiserver's and the
 //! operator's metrics), [`objects`] (the RegistryAccess objects) and [`env`] (the operator binary,
 //! the machine, the versions).
 #![forbid(unsafe_code)]
@@ -31,6 +31,7 @@ mod env;
 mod measure;
 mod objects;
 mod operator;
+mod pods;
 mod refresh;
 
 use std::path::PathBuf;
@@ -218,6 +219,9 @@ async fn bench() -> Result<()> {
     log("8/9 routine refresh cost...");
     let refresh =
         refresh::refresh_window(&cfg, &kube, kc, &fleet.namespaces, &mut op, fleet.probe_port, idle.cpu_rate).await?;
+    log("8/9 (b) the pod nudge's cost: writes per refresh with and without it, memory per pod...");
+    let pod_cost = pods::pod_cost(&kube, kc, &op, fleet.probe_port).await?;
+    report.json["pods"] = pod_cost.json;
     let final_stat = measure::proc_stat(&op)?;
     let peak_mib = peak_mib.max(final_stat.hwm_mib());
     report.json["memory"]["peak_vm_hwm_mib"] = json!(peak_mib);
@@ -296,6 +300,15 @@ async fn bench() -> Result<()> {
         refresh.cpu_ms_per.map(|v| ("<= 1 ms", v <= 1.0)).or(Some(("<= 1 ms", false))),
     );
     t.row("Renewal lag (mean / max bucket)", refresh.lag.clone(), None);
+    t.row(
+        "apiserver writes per refresh, 10 running pods mount the Secret: nudge on / off",
+        format!(
+            "{:.2} / {:.2} ({:.2} pod patches per refresh)",
+            pod_cost.writes_with, pod_cost.writes_without, pod_cost.nudges_per
+        ),
+        Some(("one patch per pod", (pod_cost.nudges_per - 10.0).abs() < 0.05)),
+    );
+    t.row("Operator memory per pod followed (1,000 pods)", format!("{:.2} KiB", pod_cost.kib_per_pod), None);
     t.row(
         &format!("apiserver writes while idle ({} s, 300 s tokens)", cfg.idle.as_secs()),
         idle_writes.to_string(),

@@ -86,7 +86,7 @@ pub async fn apiserver_requests(client: &Client) -> Result<Requests> {
         let labels = parse_labels(labels);
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         let resource = get("resource");
-        if !["secrets", "registryaccesses", "events"].contains(&resource.as_str()) {
+        if !["secrets", "registryaccesses", "events", "pods"].contains(&resource.as_str()) {
             continue;
         }
         let v = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
