@@ -86,7 +86,9 @@ pub async fn the_operator_may_change_only_the_nudge_annotation_of_a_pod(env: Arc
     let seen: serde_json::Value = serde_json::from_str(&seen)?;
     assert_eq!(seen["metadata"]["annotations"][NUDGE_ANNOTATION], "t-token@1");
     assert_eq!(seen["spec"]["containers"][0]["image"], "busybox");
-    assert!(seen["metadata"]["labels"].get("changed").is_none() && seen["metadata"]["annotations"].get("other").is_none());
+    assert!(
+        seen["metadata"]["labels"].get("changed").is_none() && seen["metadata"]["annotations"].get("other").is_none()
+    );
 
     // A workload that reads a token once: `kubectl apply` warns and creates it all the same.
     let deployment = format!(

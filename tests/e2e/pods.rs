@@ -106,8 +106,10 @@ pub async fn mounting_pods_are_nudged_after_each_new_token(env: Arc<Env>) -> Res
     }
     assert_eq!(nudge_of(&c, "pending").await, None, "a pod that is not Running was nudged");
     assert_eq!(nudge_of(&c, "mounts-quiet").await, None, "a pod of an object with nudgePods: false was nudged");
-    let m = scrape_until(port, "nudges counted", |m| sample(m, "registry_access_pod_nudges_total{outcome=\"sent\"}") == Some(2.0))
-        .await?;
+    let m = scrape_until(port, "nudges counted", |m| {
+        sample(m, "registry_access_pod_nudges_total{outcome=\"sent\"}") == Some(2.0)
+    })
+    .await?;
     assert_eq!(sample(&m, "registry_access_pod_nudges_total{outcome=\"failed\"}"), Some(0.0));
     c.finish().await
 }
@@ -123,7 +125,8 @@ pub async fn a_pod_that_reads_the_token_once_is_reported(env: Arc<Env>) -> Resul
     let env_read = json!([{"name": "caller", "image": "busybox",
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "ro-token", "key": "access_token"}}}]}]);
     running_pod(&c, "reads-env", json!([]), env_read, true).await?;
-    let s = wait_condition(&c.client, &c.ns, "ro", "Degraded", "True", "TokenReadOnce", Duration::from_secs(20)).await?;
+    let s =
+        wait_condition(&c.client, &c.ns, "ro", "Degraded", "True", "TokenReadOnce", Duration::from_secs(20)).await?;
     let (_, _, message) = condition(&s, "Degraded").unwrap_or_default();
     assert!(
         message.contains("pod reads-env (container caller)") && message.contains("key access_token"),
