@@ -114,9 +114,16 @@ fn token_times(token: &str) -> Result<(i64, i64)> {
 }
 
 /// A Keycloak client with the given token lifespan, its secret in an opted-in Secret `creds`, and
-/// a RegistryAccess `name` for it in `ns` (with `renew_before`, or the default), Ready. Returns
-/// the client id.
-async fn registry_access(env: &Env, ns: &str, name: &str, lifespan: u32, renew_before: Option<&str>) -> Result<String> {
+/// a RegistryAccess `name` for it in `ns` (with `renew_before`, or the default; without
+/// `nudge_pods`, spec.nudgePods false), Ready. Returns the client id.
+async fn registry_access(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    lifespan: u32,
+    renew_before: Option<&str>,
+    nudge_pods: bool,
+) -> Result<String> {
     let client = env.cluster.client().await?;
     k8s::create_namespace(&client, ns).await?;
     let client_id = format!("{ns}-{name}");
@@ -130,6 +137,9 @@ async fn registry_access(env: &Env, ns: &str, name: &str, lifespan: u32, renew_b
     });
     if let Some(renew_before) = renew_before {
         spec["renewBefore"] = renew_before.into();
+    }
+    if !nudge_pods {
+        spec["nudgePods"] = false.into();
     }
     k8s::apply_ra(&client, ns, name, spec).await?;
     k8s::wait_condition(&client, ns, name, "Ready", "True", "TokenValid", Duration::from_secs(60)).await?;
@@ -291,7 +301,7 @@ async fn the_operator_runs_as_pods_and_survives_restarts(env: Arc<NodeEnv>) -> R
 
     // 60 s tokens renewed 40 s ahead: room for a lost Lease (15 s) and a restart.
     let ns = "team-restarts";
-    let client_id = registry_access(e, ns, "svc", 60, Some("40s")).await?;
+    let client_id = registry_access(e, ns, "svc", 60, Some("40s"), true).await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
     let first = wait_new_token(&seen, 0, "at the start", Duration::from_secs(10)).await?;
@@ -377,82 +387,396 @@ async fn readings(pods: &Api<Pod>, name: &str) -> Result<Vec<Reading>> {
     Ok(out)
 }
 
-/// Pods that mount the token Secret as a volume read a new token within the kubelet's sync
-/// period and never an expired one, over at least three renewals; the delivery delay (Secret
-/// write to the file's change) is measured. A `subPath` mount and an environment variable never
-/// change: they read the first token until it expires (the README's warning).
+/// Tokens a pod has read after its first (renewals it saw).
+fn renewals_read(readings: &[Reading]) -> usize {
+    readings.iter().map(|r| r.iat).collect::<BTreeSet<_>>().len().saturating_sub(1)
+}
+
+/// How a set of workload pods gets each new token into its mounted file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// The operator nudges the pods after each write (the default): their kubelets resync them at once.
+    Nudged,
+    /// spec.nudgePods: false: the kubelet's periodic sync only.
+    NotNudged,
+    /// The nudges are sent and refused (an admission policy denies the operator's pod updates in
+    /// the namespace): the kubelet's periodic sync only, and every nudge counted as failed.
+    NudgeLost,
+}
+
+impl Delivery {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Nudged => "with the nudge",
+            Self::NotNudged => "without the nudge (spec.nudgePods: false)",
+            Self::NudgeLost => "with every nudge refused (admission policy)",
+        }
+    }
+}
+
+/// A distribution of delays in seconds (nearest-rank percentiles).
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    samples: usize,
+    min: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(delays: &[f64]) -> Result<Self> {
+        let mut d = delays.to_vec();
+        d.sort_by(f64::total_cmp);
+        let (first, last) = (*d.first().ok_or("no delays measured")?, d[d.len() - 1]);
+        let pct = |q: f64| d[((d.len() - 1) as f64 * q).round() as usize];
+        Ok(Self { samples: d.len(), min: first, p50: pct(0.5), p90: pct(0.9), p99: pct(0.99), max: last })
+    }
+
+    fn json(&self) -> Value {
+        json!({"samples": self.samples, "min": self.min, "p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max})
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} samples: min {:.1} s, p50 {:.1} s, p90 {:.1} s, p99 {:.1} s, max {:.1} s",
+            self.samples, self.min, self.p50, self.p90, self.p99, self.max
+        )
+    }
+}
+
+/// The sum over the operator's pods of one sample of their /metrics (a counter), each read on
+/// the pod's address (the node's: host network) and probe port. A pod that does not answer (it
+/// is restarting) counts nothing.
+async fn operator_metric(env: &Env, http: &reqwest::Client, sample: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for p in operator_pods(env).await? {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let port = p.spec.as_ref().and_then(|s| {
+            s.containers
+                .first()?
+                .ports
+                .as_ref()?
+                .iter()
+                .find(|p| p.name.as_deref() == Some("probes"))
+                .map(|p| p.container_port)
+        });
+        let (Some(ip), Some(port)) = (ip, port) else { continue };
+        let Ok(response) = http.get(format!("http://{ip}:{port}/metrics")).send().await else { continue };
+        let Ok(text) = response.text().await else { continue };
+        total += support::case::sample(&text, sample).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// Makes every nudge in namespace `ns` fail, and only there: a ValidatingAdmissionPolicy that
+/// refuses any pod update by the operator's ServiceAccount, bound to `ns` by its name. The
+/// chart's ClusterRole could not do it: its verbs hold in every namespace, and RBAC has no deny.
+/// The chart's own pod-nudge-only policy stays in force beside it.
+fn lose_nudges_in(env: &Env, sa: &str, ns: &str) -> Result<()> {
+    let name = format!("lose-pod-nudges-in-{ns}");
+    let list = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": {"name": name},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": [{
+                        "apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["pods"],
+                    }]},
+                    "matchConditions": [{
+                        "name": "the-operator",
+                        "expression": format!("request.userInfo.username == 'system:serviceaccount:{OPERATOR_NS}:{sa}'"),
+                    }],
+                    "validations": [{"expression": "false", "message": "pod nudges are lost in this namespace (node suite)"}],
+                },
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": {"name": name},
+                "spec": {
+                    "policyName": name,
+                    "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
+                },
+            },
+        ],
+    });
+    env.cluster.kubectl_stdin(&["apply", "-f", "-"], &serde_json::to_string(&list)?)?;
+    Ok(())
+}
+
+/// Workload pods of one RegistryAccess, with the poller of its token Secret.
+struct Workloads {
+    delivery: Delivery,
+    ns: &'static str,
+    client_id: String,
+    pods: Api<Pod>,
+    /// The pods that mount the Secret as a volume, one per node.
+    volume: Vec<String>,
+    seen: Arc<Mutex<SecretWatch>>,
+    poller: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Workloads {
+    /// A RegistryAccess `svc` in `ns` (180 s tokens renewed 130 s ahead; nudgePods false for
+    /// [`Delivery::NotNudged`]), its Secret's poller, and `per_node` pods on each node that mount
+    /// it as a volume, named `workload-volume-<n>`.
+    async fn start(
+        env: &NodeEnv,
+        delivery: Delivery,
+        ns: &'static str,
+        lifespan: u32,
+        renew_before: Option<&str>,
+        per_node: usize,
+        stop: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self> {
+        let e = &env.env;
+        let client_id = registry_access(e, ns, "svc", lifespan, renew_before, delivery != Delivery::NotNudged).await?;
+        let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
+        let pods: Api<Pod> = Api::namespaced(e.cluster.client().await?, ns);
+        let mut volume = Vec::new();
+        for i in 0..NODES * per_node {
+            let name = format!("workload-volume-{i}");
+            let pod = workload_pod(&env.images.workload, "volume", "svc-token", &name, &format!("node-{}", i % NODES))?;
+            pods.create(&PostParams::default(), &pod).await?;
+            volume.push(name);
+        }
+        Ok(Self { delivery, ns, client_id, pods, volume, seen, poller: Some(poller) })
+    }
+
+    /// Each volume pod's readings so far.
+    async fn volume_readings(&self) -> Result<Vec<Vec<Reading>>> {
+        let mut all = Vec::new();
+        for name in &self.volume {
+            all.push(readings(&self.pods, name).await?);
+        }
+        Ok(all)
+    }
+
+    /// Once the pollers' `stop` is set: the tokens written to the Secret (iat -> exp, first seen).
+    async fn written(&mut self) -> Result<BTreeMap<i64, (i64, i64)>> {
+        if let Some(poller) = self.poller.take() {
+            poller.await??;
+        }
+        Ok(self.seen.lock().unwrap().tokens.clone())
+    }
+}
+
+/// The namespaces of the delivery comparison.
+const NUDGED_NS: &str = "team-workload";
+const NOT_NUDGED_NS: &str = "team-no-nudge";
+const NUDGE_LOST_NS: &str = "team-lost-nudge";
+/// The longest a nudged pod may take to read a new token: the kubelet's resync of the pod
+/// (about a second), the pod's 1 s reading cadence and the poller's 250 ms.
+const NUDGED_DELIVERY_S: f64 = 5.0;
+/// Renewals each volume pod must read: three with the nudge; two where only the kubelet's sync
+/// delivers (a third could take another 90 s, and the first three minutes already hold two).
+const NUDGED_RENEWALS: usize = 3;
+const UNNUDGED_RENEWALS: usize = 2;
+
+/// Pods that mount the token Secret as a volume read each new token and never an expired one,
+/// over the same renewals of three RegistryAccess objects: with the nudge, within a few seconds
+/// of the Secret write; with spec.nudgePods false, and with every nudge refused by an admission
+/// policy (counted as failed in the operator's metrics), within the kubelet's sync period. The
+/// delivery delays (Secret write to the pod's first reading of the new token) are printed. A
+/// `subPath` mount and an environment variable never change: they read the first token until it
+/// expires (the README's warning).
 async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) -> Result<()> {
     let e = &env.env;
-    let ns = "team-workload";
+    let sa = operator_pods(e)
+        .await?
+        .iter()
+        .find_map(|p| p.spec.as_ref()?.service_account_name.clone())
+        .ok_or("the operator's pods name no ServiceAccount")?;
+    lose_nudges_in(e, &sa, NUDGE_LOST_NS)?;
     // 180 s tokens renewed 130 s ahead: a renewal every 50 s; 130 s covers the kubelet's worst
-    // case (1.5 x its 1 min sync period) plus a Keycloak failure or a leader change.
-    let client_id = registry_access(e, ns, "svc", 180, Some("130s")).await?;
+    // case (1.5 x its 1 min sync period) plus a Keycloak failure or a leader change. The three
+    // objects are made at once, so that their renewals fall together.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
-    let pods: Api<Pod> = Api::namespaced(e.cluster.client().await?, ns);
-    for how in ["volume", "subpath", "env"] {
-        pods.create(
-            &PostParams::default(),
-            &workload_pod(&env.images.workload, how, "svc-token", &format!("workload-{how}"), "node-0")?,
-        )
-        .await?;
+    let sets = futures::future::try_join_all(
+        [(Delivery::Nudged, NUDGED_NS), (Delivery::NotNudged, NOT_NUDGED_NS), (Delivery::NudgeLost, NUDGE_LOST_NS)]
+            .map(|(d, ns)| Workloads::start(&env, d, ns, 180, Some("130s"), 1, &stop)),
+    )
+    .await?;
+    let nudged = &sets[0];
+    for how in ["subpath", "env"] {
+        nudged
+            .pods
+            .create(
+                &PostParams::default(),
+                &workload_pod(&env.images.workload, how, "svc-token", &format!("workload-{how}"), "node-0")?,
+            )
+            .await?;
     }
     let t = Instant::now();
-    let first_exp = loop {
-        let volume = readings(&pods, "workload-volume").await.unwrap_or_default();
-        if let Some(r) = volume.first() {
-            break seen
-                .lock()
-                .unwrap()
-                .tokens
-                .get(&r.iat)
-                .map(|(exp, _)| *exp)
-                .ok_or("the pod read a token never seen in the Secret")?;
-        }
-        if t.elapsed() > Duration::from_secs(90) {
-            return Err("the workload pods did not start within 90 s".into());
+    'started: loop {
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err("the workload pods did not start within 120 s".into());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+        for set in &sets {
+            for name in &set.volume {
+                if readings(&set.pods, name).await.unwrap_or_default().is_empty() {
+                    continue 'started;
+                }
+            }
+        }
+        break;
+    }
+    // Grants and tokens so far: the other test kills the operator's leader while these objects
+    // get their first token, and a grant whose process was killed before the write is lost
+    // (the next leader asks again). From here on, each grant's token must reach the Secret.
+    let mut at_start = Vec::new();
+    for set in &sets {
+        at_start.push((e.keycloak.grants(REALM, &set.client_id).await?, set.seen.lock().unwrap().tokens.len()));
+    }
+    eprintln!(
+        "[node] {} workload pods reading their tokens after {:.1}s",
+        sets.len() * NODES + 2,
+        t.elapsed().as_secs_f64()
+    );
 
-    // Until the volume pod has read three renewed tokens and the first token has expired.
+    // Until every volume pod has read its renewals, the subPath and env pods have read their
+    // first token expired, and the operator has counted a failed nudge. The operator's metrics
+    // are read throughout: a counter restarts with its process (the other test restarts the
+    // leader), so the largest sum seen is kept.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let (sent_sample, failed_sample) = (
+        r#"registry_access_pod_nudges_total{outcome="sent"}"#,
+        r#"registry_access_pod_nudges_total{outcome="failed"}"#,
+    );
+    let (mut sent, mut failed) = (0.0f64, 0.0f64);
     let deadline = Instant::now() + Duration::from_secs(420);
     let (volume, subpath, env_var) = loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let volume = readings(&pods, "workload-volume").await?;
-        let subpath = readings(&pods, "workload-subpath").await?;
-        let env_var = readings(&pods, "workload-env").await?;
-        let renewals = volume.iter().map(|r| r.iat).collect::<BTreeSet<_>>().len().saturating_sub(1);
-        let past_first =
-            [&subpath, &env_var].iter().all(|rs| rs.last().is_some_and(|r| r.at_ms / 1000 > first_exp + 1));
-        if renewals >= 3 && past_first {
+        let mut volume = Vec::new();
+        let mut short = Vec::new();
+        for set in &sets {
+            let want = if set.delivery == Delivery::Nudged { NUDGED_RENEWALS } else { UNNUDGED_RENEWALS };
+            let rs = set.volume_readings().await?;
+            for (name, r) in set.volume.iter().zip(&rs) {
+                if renewals_read(r) < want {
+                    short.push(format!("{}/{name}: {} of {want} renewals", set.ns, renewals_read(r)));
+                }
+            }
+            volume.push(rs);
+        }
+        let subpath = readings(&nudged.pods, "workload-subpath").await?;
+        let env_var = readings(&nudged.pods, "workload-env").await?;
+        let past_first = [&subpath, &env_var].iter().all(|rs| rs.last().is_some_and(|r| r.expired));
+        sent = sent.max(operator_metric(e, &http, sent_sample).await.unwrap_or(0.0));
+        failed = failed.max(operator_metric(e, &http, failed_sample).await.unwrap_or(0.0));
+        if short.is_empty() && past_first && failed > 0.0 {
             break (volume, subpath, env_var);
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "after 7 minutes: {renewals} renewals read by the volume pod, first token past: {past_first}"
+                "after 7 minutes: {short:?} short; first token read expired through subPath and env: {past_first}; \
+                 failed nudges counted: {failed}"
             )
             .into());
         }
     };
+    // Each grant Keycloak counted by now reaches the Secret before the pollers stop (a renewal
+    // may be between its grant and its write).
+    let mut granted = Vec::new();
+    for (set, (grants_then, tokens_then)) in sets.iter().zip(&at_start) {
+        let grants = e.keycloak.grants(REALM, &set.client_id).await? - grants_then;
+        let seen = set.seen.clone();
+        let want = tokens_then + grants;
+        wait_for(&format!("the tokens of {grants} grants written in {}", set.ns), Duration::from_secs(15), || {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().tokens.len() >= want }
+        })
+        .await?;
+        granted.push(grants);
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    poller.await??;
 
-    // The volume pod: never an expired token; each new token's delay from the Secret write.
-    let expired: Vec<&Reading> = volume.iter().filter(|r| r.expired || r.remaining_s <= 0).collect();
-    assert!(expired.is_empty(), "the volume pod read an expired token: {expired:?}");
-    let min_left = volume.iter().map(|r| r.remaining_s).min().unwrap_or_default();
-    let written = seen.lock().unwrap().tokens.clone();
-    let delays = delivery_delays(&volume, &written)?;
     eprintln!(
-        "[node] delivery delay, Secret write to the mounted file's change (kubelet syncFrequency {SYNC_FREQUENCY}): {delays:.1?} s; \
-         least validity left seen in the pod: {min_left} s; {} tokens issued",
-        written.len()
+        "[node] delivery delay, Secret write to the pod's first reading of the new token (180 s tokens renewed \
+         130 s ahead, kubelet syncFrequency {SYNC_FREQUENCY}, pods read every second, {NODES} volume pods each):"
     );
-    assert!(delays.len() >= 3, "fewer than three renewals reached the pod: {delays:?}");
-    // The kubelet resyncs each pod within 1.5 x syncFrequency (90 s); allow the sync's own work,
-    // the poller's 250 ms and the pod's 1 s reading cadence.
-    assert!(delays.iter().all(|d| *d < 95.0), "a delivery took longer than the kubelet's 90 s worst case: {delays:?}");
+    let mut results = Vec::new();
+    for (((mut set, readings), granted), (grants_then, tokens_then)) in
+        sets.into_iter().zip(volume).zip(granted).zip(at_start)
+    {
+        let written = set.written().await?;
+        let mut delays = Vec::new();
+        for rs in &readings {
+            delays.extend(delivery_delays(rs, &written)?);
+        }
+        let skipped: usize = readings.iter().map(|rs| skipped_tokens(rs, &written)).sum();
+        let expired: Vec<Reading> =
+            readings.iter().flatten().filter(|r| r.expired || r.remaining_s <= 0).cloned().collect();
+        let min_left = readings.iter().flatten().map(|r| r.remaining_s).min().unwrap_or_default();
+        let spread = Spread::of(&delays).map_or_else(|e| e.to_string(), |s| s.to_string());
+        let grants_now = e.keycloak.grants(REALM, &set.client_id).await?;
+        eprintln!(
+            "[node]   {:<45} {spread}; least validity left read: {min_left} s; tokens written {} \
+             (Keycloak grants {grants_now}, {grants_then} before the pods started), not read by a pod: {skipped}; \
+             each: {delays:.1?}",
+            set.delivery.describe(),
+            written.len()
+        );
+        let grants = granted..=grants_now - grants_then;
+        results.push((set, delays, skipped, expired, grants, written.len() - tokens_then));
+    }
+    eprintln!(
+        "[node] pod nudges counted by the operator's /metrics (largest sum over its pods seen): sent {sent}, \
+         failed {failed}"
+    );
+
+    for (set, delays, skipped, expired, grants, written) in &results {
+        assert!(expired.is_empty(), "{}: a volume pod read an expired token: {expired:?}", set.ns);
+        // Since the pods started, every grant's token written and none twice: the tokens
+        // written lie between the grants counted before the pollers stopped and after.
+        assert!(
+            grants.contains(written),
+            "{}: {written} tokens written while the pods ran, Keycloak grants {grants:?}",
+            set.ns
+        );
+        let want = if set.delivery == Delivery::Nudged { NUDGED_RENEWALS } else { UNNUDGED_RENEWALS };
+        assert!(delays.len() >= want * set.volume.len(), "{}: fewer renewals reached the pods: {delays:?}", set.ns);
+        // The kubelet resyncs each pod within 1.5 x syncFrequency (90 s); allow the sync's own
+        // work, the poller's 250 ms and the pod's 1 s reading cadence.
+        assert!(
+            delays.iter().all(|d| *d < 95.0),
+            "{}: a delivery took longer than the kubelet's 90 s worst case: {delays:?}",
+            set.ns
+        );
+        let mut annotations = Vec::new();
+        for name in &set.volume {
+            let pod = set.pods.get(name).await?;
+            annotations.push(pod.metadata.annotations.and_then(|a| a.get("registry-access.io/token-written").cloned()));
+        }
+        if set.delivery == Delivery::Nudged {
+            assert!(
+                delays.iter().all(|d| *d < NUDGED_DELIVERY_S),
+                "{}: a nudged pod read a new token more than {NUDGED_DELIVERY_S} s after its write: {delays:?}",
+                set.ns
+            );
+            assert_eq!(*skipped, 0, "{}: a nudged pod never read a token written while it ran", set.ns);
+            assert!(
+                annotations.iter().all(|a| a.as_ref().is_some_and(|v| v.starts_with("svc-token@"))),
+                "{}: the pods do not carry the nudge annotation: {annotations:?}",
+                set.ns
+            );
+        } else {
+            assert!(annotations.iter().all(Option::is_none), "{}: pods were nudged: {annotations:?}", set.ns);
+        }
+    }
+    assert!(failed > 0.0, "no failed nudge counted in {NUDGE_LOST_NS}");
 
     // subPath and env: one token, read until (and after) it expired.
     for (what, rs) in [("subPath mount", &subpath), ("environment variable", &env_var)] {
@@ -461,9 +785,7 @@ async fn pods_that_mount_the_token_never_read_an_expired_one(env: Arc<NodeEnv>) 
         assert!(rs.iter().any(|r| r.expired), "the {what} never showed its token expired");
     }
     eprintln!("[node] subPath mount and environment variable kept the first token and read it expired, as documented");
-    let grants = e.keycloak.grants(REALM, &client_id).await?;
-    assert_eq!(grants, written.len(), "Keycloak grants vs tokens written");
-    leak_check(e, &[ns]).await
+    leak_check(e, &[NUDGED_NS, NOT_NUDGED_NS, NUDGE_LOST_NS]).await
 }
 
 /// Seconds from each token's write to the Secret (first seen by the test's poller) to the first
@@ -481,92 +803,119 @@ fn delivery_delays(readings: &[Reading], written: &BTreeMap<i64, (i64, i64)>) ->
     Ok(delays)
 }
 
+/// Tokens written after a pod's first reading and more than 5 s before its last that it never
+/// read: the pod went from an older token straight to a newer one (possible where only the
+/// kubelet's sync delivers, every 60-90 s, and renewals come more often).
+fn skipped_tokens(readings: &[Reading], written: &BTreeMap<i64, (i64, i64)>) -> usize {
+    let (Some(first), Some(last)) = (readings.first(), readings.last()) else { return 0 };
+    let read: BTreeSet<i64> = readings.iter().map(|r| r.iat).collect();
+    written.iter().filter(|(iat, (_, at))| *at > first.at_ms && *at < last.at_ms - 5000 && !read.contains(iat)).count()
+}
+
 /// `make bench`'s pod freshness run: Keycloak's default 300 s tokens with the operator's default
-/// renewBefore and the kubelet's default sync period; `RAO_POD_FRESHNESS_PODS` workload pods
-/// (default 10, spread over both nodes) mount the Secret for `RAO_POD_FRESHNESS_RENEWALS`
-/// renewals (default 5). Reports the delivery delay distribution and the least validity any pod
-/// saw, to stdout and to `target/bench/pod-freshness.json`; fails if a pod read an expired token.
+/// renewBefore and the kubelet's default sync period, for two RegistryAccess objects at once:
+/// one whose pods are nudged (the default), one with spec.nudgePods false. Each has
+/// `RAO_POD_FRESHNESS_PODS` workload pods (default 10, spread over both nodes) that mount its
+/// Secret for `RAO_POD_FRESHNESS_RENEWALS` renewals (default 5). Reports both delivery delay
+/// distributions and the least validity any pod saw, to stdout and to
+/// `target/bench/pod-freshness.json`; fails if a pod read an expired token.
 async fn pod_freshness(env: Arc<NodeEnv>) -> Result<()> {
     let number = |var: &str, default: usize| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (pod_count, renewals) = (number("RAO_POD_FRESHNESS_PODS", 10), number("RAO_POD_FRESHNESS_RENEWALS", 5));
     let e = &env.env;
-    let ns = "team-freshness";
-    let client_id = registry_access(e, ns, "svc", 300, None).await?;
-    let client = e.cluster.client().await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (seen, poller) = watch_secret(e, ns, "svc-token", stop.clone());
-    wait_new_token(&seen, 0, "for the first token", Duration::from_secs(60)).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let names: Vec<String> = (0..pod_count).map(|i| format!("workload-{i}")).collect();
-    for (i, _) in names.iter().enumerate() {
-        let pod = workload_pod(
-            &env.images.workload,
-            "volume",
-            "svc-token",
-            &format!("workload-{i}"),
-            &format!("node-{}", i % NODES),
-        )?;
-        pods.create(&PostParams::default(), &pod).await?;
-    }
+    let per_node = pod_count.div_ceil(NODES);
+    let sets = futures::future::try_join_all(
+        [(Delivery::Nudged, "team-freshness"), (Delivery::NotNudged, "team-freshness-no-nudge")]
+            .map(|(d, ns)| Workloads::start(&env, d, ns, 300, None, per_node, &stop)),
+    )
+    .await?;
+    let pods_per_set = per_node * NODES;
     let t = Instant::now();
     eprintln!(
-        "[node] pod freshness: {pod_count} pods, waiting for {renewals} renewals of 300 s tokens (about {} min)",
+        "[node] pod freshness: {pods_per_set} pods nudged and {pods_per_set} not, waiting for {renewals} renewals of \
+         300 s tokens (about {} min)",
         renewals * 133 / 60 + 3
     );
     let all = loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut all = Vec::new();
-        for name in &names {
-            all.push(readings(&pods, name).await.unwrap_or_default());
+        for set in &sets {
+            let mut rs = Vec::new();
+            for name in &set.volume {
+                rs.push(readings(&set.pods, name).await.unwrap_or_default());
+            }
+            all.push(rs);
         }
-        let least = all.iter().map(|rs| rs.iter().map(|r| r.iat).collect::<BTreeSet<_>>().len()).min().unwrap_or(0);
-        if least > renewals {
+        let least = all.iter().flatten().map(|rs| rs.iter().map(|r| r.iat).collect::<BTreeSet<_>>().len()).min();
+        if least.unwrap_or(0) > renewals {
             break all;
         }
         if t.elapsed() > Duration::from_secs(300 * (renewals as u64 + 2)) {
-            return Err(format!("after {:?} the slowest pod has read {least} tokens", t.elapsed()).into());
+            return Err(format!("after {:?} the slowest pod has read {least:?} tokens", t.elapsed()).into());
         }
     };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    poller.await??;
-    let written = seen.lock().unwrap().tokens.clone();
-    let mut delays: Vec<f64> = Vec::new();
-    for rs in &all {
-        delays.extend(delivery_delays(rs, &written)?);
-    }
-    delays.sort_by(f64::total_cmp);
-    let least_left = all.iter().flatten().map(|r| r.remaining_s).min().unwrap_or_default();
-    let expired = all.iter().flatten().filter(|r| r.expired).count();
-    let pct = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
-    let report = json!({
-        "pods": pod_count,
-        "tokens": written.len(),
+
+    println!(
+        "pod freshness (300 s tokens, default renewBefore, kubelet syncFrequency {SYNC_FREQUENCY}, {pods_per_set} pods \
+         with the nudge and {pods_per_set} without)"
+    );
+    println!("| figure | with the nudge | without (spec.nudgePods: false) |\n|---|---|---|");
+    let mut report = json!({
+        "pods_per_set": pods_per_set,
+        "renewals": renewals,
         "token_lifetime_s": 300,
         "kubelet_sync_frequency": SYNC_FREQUENCY,
-        "delivery_delay_s": {"samples": delays.len(), "min": delays[0], "p50": pct(0.5), "p90": pct(0.9), "max": pct(1.0)},
-        "least_validity_seen_in_a_pod_s": least_left,
-        "expired_readings": expired,
-        "grants": e.keycloak.grants(REALM, &client_id).await?,
     });
-    println!(
-        "pod freshness (300 s tokens, default renewBefore, kubelet syncFrequency {SYNC_FREQUENCY}, {pod_count} pods)"
-    );
-    println!("| figure | measured |\n|---|---|");
-    println!(
-        "| delivery delay, Secret write to the mounted file's change ({} samples) | min {:.1} s, median {:.1} s, p90 {:.1} s, max {:.1} s |",
-        delays.len(),
-        delays[0],
-        pct(0.5),
-        pct(0.9),
-        pct(1.0)
-    );
-    println!("| least validity left seen in a pod | {least_left} s |");
-    println!("| readings of an expired token | {expired} |");
+    let mut rows: [Vec<String>; 5] = Default::default();
+    let mut expired_total = 0;
+    for (mut set, all) in sets.into_iter().zip(all) {
+        let written = set.written().await?;
+        let mut delays: Vec<f64> = Vec::new();
+        for rs in &all {
+            delays.extend(delivery_delays(rs, &written)?);
+        }
+        let spread = Spread::of(&delays)?;
+        let least_left = all.iter().flatten().map(|r| r.remaining_s).min().unwrap_or_default();
+        let expired = all.iter().flatten().filter(|r| r.expired).count();
+        let grants = e.keycloak.grants(REALM, &set.client_id).await?;
+        expired_total += expired;
+        let key = if set.delivery == Delivery::Nudged { "nudge" } else { "no_nudge" };
+        report[key] = json!({
+            "namespace": set.ns,
+            "tokens": written.len(),
+            "delivery_delay_s": spread.json(),
+            "least_validity_seen_in_a_pod_s": least_left,
+            "expired_readings": expired,
+            "grants": grants,
+        });
+        rows[0].push(spread.samples.to_string());
+        rows[1].push(format!(
+            "min {:.1} s, median {:.1} s, p90 {:.1} s, p99 {:.1} s, max {:.1} s",
+            spread.min, spread.p50, spread.p90, spread.p99, spread.max
+        ));
+        rows[2].push(format!("{least_left} s"));
+        rows[3].push(expired.to_string());
+        rows[4].push(format!("{grants} / {}", written.len()));
+    }
+    for (figure, row) in [
+        "delivery delay samples (pods x renewals)",
+        "delivery delay, Secret write to the mounted file's change",
+        "least validity left seen in a pod",
+        "readings of an expired token",
+        "Keycloak grants / tokens written",
+    ]
+    .iter()
+    .zip(&rows)
+    {
+        println!("| {figure} | {} |", row.join(" | "));
+    }
     let out = repo().join("target/bench/pod-freshness.json");
     std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     eprintln!("[node] report written to {}", out.display());
-    assert_eq!(expired, 0, "a pod read an expired token");
+    assert_eq!(expired_total, 0, "a pod read an expired token");
     Ok(())
 }
 
