@@ -23,7 +23,7 @@ test:
 bench: tools
 	cargo build --release --locked --bin registry-access-operator --example bench
 	cargo run --release --locked --example bench
-	# Pod freshness on real kubelets (root; about 15 minutes): tests/node.rs, pod_freshness.
+	# Pod freshness on real kubelets (root; about 15 minutes): tests/node/, pod_freshness.
 	RAO_POD_FRESHNESS=1 cargo test --locked --test node -- --nocapture
 
 # Build or fetch the end-to-end tools into .cache (seconds once cached).

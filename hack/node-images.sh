@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# hack/node-images.sh: builds the images the node suite (tests/node.rs) runs, as docker-archive
+# hack/node-images.sh: builds the images the node suite (tests/node/) runs, as docker-archive
 # tarballs in the git-ignored cache, for `ctr images import` (no registry, no container engine):
 #   pause.tar     the pod sandbox, built from the Kubernetes module's build/pause/linux/pause.c;
 #   operator.tar  the release binary, statically linked, with the Dockerfile's user, entrypoint,

@@ -33,7 +33,7 @@ have unzip || missing_apt+=(unzip)
 have python3 || missing_apt+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || missing_apt+=(python3-venv)
 have make || missing_apt+=(make)
-# The node suite (tests/node.rs): a container runtime, the images' builder, the sandbox's tools,
+# The node suite (tests/node/): a container runtime, the images' builder, the sandbox's tools,
 # and a C compiler with glibc's static libraries (the pause program, the static release binary).
 have containerd || missing_apt+=(containerd)
 have runc || missing_apt+=(runc)

@@ -76,7 +76,7 @@ build_kubernetes() {
   stamp kubernetes "$KUBERNETES_VERSION"
 }
 
-# The kubelet and kube-scheduler of the node suite (tests/node.rs): same module, same stamping,
+# The kubelet and kube-scheduler of the node suite (tests/node/): same module, same stamping,
 # their own stamp so that adding them does not rebuild the control plane.
 build_kubelet() {
   fresh kubelet "$KUBERNETES_VERSION" && [[ -x "$bin/kubelet" && -x "$bin/kube-scheduler" ]] && return 0

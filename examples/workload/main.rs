@@ -7,7 +7,7 @@
 //! One JSON line per second on stdout, for example
 //! `{"at_ms":1764500000123,"iat":1764499990,"exp":1764500290,"remaining_s":289,"changed":false,"expired":false}`;
 //! `changed` is true on the first read of a token with a new `iat`. The node suite
-//! (`tests/node.rs`) and `make demo` read these lines from the pod's log.
+//! (`tests/node/`) and `make demo` read these lines from the pod's log.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
