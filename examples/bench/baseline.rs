@@ -18,6 +18,7 @@ use registry_access_operator::secret::{
 };
 use serde_json::{Value, json};
 
+use crate::measure::{KeycloakCpu, KeycloakGrants};
 use crate::objects::{self, Kube, create_ras};
 use crate::support::keycloak::{Keycloak, REALM};
 use crate::support::{Result, k8s};
@@ -27,10 +28,20 @@ use crate::{Config, LONG_LIFESPAN, log};
 pub const BARE_CONCURRENCY: usize = 8;
 /// Length of the Keycloak bare-rate measurement, after a warm-up.
 const GRANT_WINDOW: Duration = Duration::from_secs(5);
-/// Keycloak's JVM needs a warm-up after its start: grants in rounds of this length until the
-/// rate stops rising by more than a tenth, for at most [`GRANT_WARMUP_MAX`].
+/// Keycloak's JVM needs a warm-up after its start: grants at full speed in rounds of
+/// [`GRANT_WARMUP`] until the rate stops rising by more than a tenth and its JIT compiler threads
+/// take less than [`JIT_QUIET_SHARE`] of its CPU (for at most [`GRANT_WARMUP_MAX`]), then grants
+/// at [`WARMUP_PACE`] per second in rounds of [`PACED_WARMUP`] until compiling is as quiet again
+/// (for at most [`PACED_WARMUP_MAX`]). The rate levels off in about 10 s on two cores, while the
+/// compiler goes on for a minute or two, and grants that come one by one make it compile other
+/// code than grants at full speed: compiling is CPU that would otherwise land in the runs
+/// measured after the warm-up, in proportion to their length.
 const GRANT_WARMUP: Duration = Duration::from_secs(2);
-const GRANT_WARMUP_MAX: Duration = Duration::from_secs(40);
+const GRANT_WARMUP_MAX: Duration = Duration::from_secs(80);
+const WARMUP_PACE: f64 = 50.0;
+const PACED_WARMUP: Duration = Duration::from_secs(4);
+const PACED_WARMUP_MAX: Duration = Duration::from_secs(60);
+const JIT_QUIET_SHARE: f64 = 0.1;
 /// Field manager of the bench's own writes.
 const BENCH_MANAGER: &str = "registry-access-bench";
 
@@ -65,28 +76,52 @@ async fn grant(http: &reqwest::Client, c: &Creds) -> Result<Grant> {
     })
 }
 
-/// Grants until Keycloak's rate levels off (a fresh JVM is several times slower at first).
-pub async fn warm_up(http: &reqwest::Client, creds: &Creds) {
+/// Grants until Keycloak's rate levels off and its JIT compiler has little left to do, at full
+/// speed and then at an even pace (a fresh JVM is several times slower at first); `pid` is
+/// Keycloak's JVM.
+pub async fn warm_up(http: &reqwest::Client, creds: &Creds, pid: u32) -> Result<()> {
+    // One round: grants per second, and the share of Keycloak's CPU that went to compiling.
+    let round = |length: Duration, pace: Option<f64>| async move {
+        let before = KeycloakCpu::read(pid)?;
+        let (ok, _) = grant_loop(http, creds, length, pace).await;
+        let cpu = before.since()?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
+            ok as f64 / length.as_secs_f64(),
+            cpu.jit_secs() / cpu.cpu_secs.max(1e-9),
+        ))
+    };
     let t = Instant::now();
     let mut previous = 0.0;
-    for round in 1.. {
-        let (ok, _) = grant_loop(http, creds, GRANT_WARMUP).await;
-        let rate = ok as f64 / GRANT_WARMUP.as_secs_f64();
-        if (round >= 3 && rate < previous * 1.1) || t.elapsed() > GRANT_WARMUP_MAX {
-            log(format!(
-                "  Keycloak warmed up in {:.0}s ({rate:.0} grants/s in the last round)",
-                t.elapsed().as_secs_f64()
-            ));
-            return;
+    let (rate, jit) = loop {
+        let (rate, jit) = round(GRANT_WARMUP, None).await?;
+        let levelled = t.elapsed() >= GRANT_WARMUP * 3 && rate < previous * 1.1;
+        if (levelled && jit < JIT_QUIET_SHARE) || t.elapsed() > GRANT_WARMUP_MAX {
+            break (rate, jit);
         }
         previous = rate;
-    }
+    };
+    let paced = Instant::now();
+    let paced_jit = loop {
+        let (_, jit) = round(PACED_WARMUP, Some(WARMUP_PACE)).await?;
+        if jit < JIT_QUIET_SHARE || paced.elapsed() > PACED_WARMUP_MAX {
+            break jit;
+        }
+    };
+    log(format!(
+        "  Keycloak warmed up in {:.0}s: {rate:.0} grants/s at full speed ({:.0}% of its CPU compiling), \
+         then {:.0}s at {WARMUP_PACE:.0}/s ({:.0}% compiling)",
+        paced.duration_since(t).as_secs_f64(),
+        jit * 100.0,
+        paced.elapsed().as_secs_f64(),
+        paced_jit * 100.0
+    ));
+    Ok(())
 }
 
 /// Keycloak's grant rate over [`GRANT_WINDOW`]: grants per second, and the run as JSON.
 pub async fn keycloak_rate(http: &reqwest::Client, creds: &Creds) -> Result<(f64, Value)> {
     let t = Instant::now();
-    let (ok, failed) = grant_loop(http, creds, GRANT_WINDOW).await;
+    let (ok, failed) = grant_loop(http, creds, GRANT_WINDOW, None).await;
     let secs = t.elapsed().as_secs_f64();
     if ok == 0 {
         return Err(format!("Keycloak granted no token in {secs:.1}s ({failed} requests failed)").into());
@@ -99,12 +134,23 @@ pub async fn keycloak_rate(http: &reqwest::Client, creds: &Creds) -> Result<(f64
     Ok((rate, run))
 }
 
-/// Grants in a loop on [`BARE_CONCURRENCY`] keep-alive connections for `length`: (ok, failed).
-async fn grant_loop(http: &reqwest::Client, c: &Creds, length: Duration) -> (u64, u64) {
-    let deadline = Instant::now() + length;
-    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+/// Grants in a loop on [`BARE_CONCURRENCY`] keep-alive connections for `length`, as fast as
+/// Keycloak answers or spread evenly at `pace` per second: (ok, failed).
+async fn grant_loop(http: &reqwest::Client, c: &Creds, length: Duration, pace: Option<f64>) -> (u64, u64) {
+    let start = Instant::now();
+    let deadline = start + length;
+    let (next, ok, failed) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let worker = || async {
-        while Instant::now() < deadline {
+        loop {
+            if let Some(pace) = pace {
+                let at = start + Duration::from_secs_f64(next.fetch_add(1, Ordering::Relaxed) as f64 / pace);
+                if at >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            } else if Instant::now() >= deadline {
+                break;
+            }
             match grant(http, c).await {
                 Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                 Err(_) => failed.fetch_add(1, Ordering::Relaxed),
@@ -115,15 +161,51 @@ async fn grant_loop(http: &reqwest::Client, c: &Creds, length: Duration) -> (u64
     (ok.into_inner(), failed.into_inner())
 }
 
+/// `count` grants of a client of their own at `rate` per second, spread evenly, on up to
+/// [`BARE_CONCURRENCY`] keep-alive connections: Keycloak's CPU at another client's pace.
+pub async fn paced_grants(
+    kc: &Keycloak,
+    http: &reqwest::Client,
+    rate: f64,
+    count: usize,
+    name: &str,
+) -> Result<KeycloakGrants> {
+    let client = kc.create_client(REALM, name, Some(LONG_LIFESPAN), true).await?;
+    let creds = Creds { url: kc.token_url(REALM), id: client.client_id.clone(), secret: client.secret.clone() };
+    let next = AtomicU64::new(0);
+    let (t, before) = (Instant::now(), KeycloakCpu::read(kc.jvm_pid().ok_or("Keycloak is not running")?)?);
+    let worker = || async {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count as u64 {
+                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(());
+            }
+            let at = t + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            grant(http, &creds).await?;
+        }
+    };
+    futures::future::try_join_all((0..BARE_CONCURRENCY).map(|_| worker())).await?;
+    // Keycloak's CPU is read before its admin API is asked for the grants.
+    let cpu = before.since()?;
+    let keycloak = KeycloakGrants { cpu, grants: kc.grants(REALM, &client.client_id).await? };
+    log(format!(
+        "  {} grants at {rate:.0}/s in {:.1}s; Keycloak {:.2} s CPU",
+        keycloak.grants, keycloak.cpu.secs, keycloak.cpu.cpu_secs
+    ));
+    Ok(keycloak)
+}
+
 /// For each of N objects (created first, no operator running): one grant, one Secret apply and
-/// one status apply, [`BARE_CONCURRENCY`] at a time. Returns objects per second.
+/// one status apply, [`BARE_CONCURRENCY`] at a time. Returns objects per second, the run as JSON,
+/// and Keycloak's CPU over the loop with the grants it recorded.
 pub async fn bare_loop(
     cfg: &Config,
     kube: &Kube,
     kc: &Keycloak,
     http: &reqwest::Client,
     round: usize,
-) -> Result<(f64, Value)> {
+) -> Result<(f64, Value, KeycloakGrants)> {
     let bare = kc.create_client(REALM, &format!("bench-bare-{round}"), Some(LONG_LIFESPAN), true).await?;
     let namespaces = cfg.namespaces(&format!("bench-bare{round}"));
     for ns in &namespaces {
@@ -135,14 +217,20 @@ pub async fn bare_loop(
     let created = create_ras(kube, &objects, &spec, "bare").await?;
     log(format!("  created {} RegistryAccess objects in {:.1}s", cfg.n, t.elapsed().as_secs_f64()));
     let creds = Creds { url: kc.token_url(REALM), id: bare.client_id.clone(), secret: bare.secret.clone() };
-    let t = Instant::now();
+    let (t, kc_before) = (Instant::now(), KeycloakCpu::read(kc.jvm_pid().ok_or("Keycloak is not running")?)?);
     futures::stream::iter(created.iter().map(|(ns, name, uid)| bare_one(kube, http, &creds, ns, name, uid)))
         .buffer_unordered(BARE_CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
     let secs = t.elapsed().as_secs_f64();
+    // Keycloak's CPU is read before its admin API is asked for the grants.
+    let cpu = kc_before.since()?;
+    let keycloak = KeycloakGrants { cpu, grants: kc.grants(REALM, &bare.client_id).await? };
     let rate = cfg.n as f64 / secs;
-    log(format!("  {} objects in {secs:.1}s: {rate:.0} objects/s", cfg.n));
+    log(format!(
+        "  {} objects in {secs:.1}s: {rate:.0} objects/s; Keycloak {:.2} s CPU for {} grants",
+        cfg.n, keycloak.cpu.cpu_secs, keycloak.grants
+    ));
     let run = json!({
         "concurrency": BARE_CONCURRENCY, "objects": cfg.n, "seconds": secs, "objects_per_second": rate,
     });
@@ -160,7 +248,7 @@ pub async fn bare_loop(
         api.delete(ns, &DeleteParams::default()).await?;
     }
     log(format!("  bare-loop objects deleted in {:.1}s", t.elapsed().as_secs_f64()));
-    Ok((rate, run))
+    Ok((rate, run, keycloak))
 }
 
 /// One object of the bare loop: what the operator does for a first token, minus its reads.

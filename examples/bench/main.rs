@@ -11,6 +11,8 @@
 //! - `BENCH_SHORT`: short-lived objects refreshed in that window (default N/10, 10 to 200);
 //! - `BENCH_SHORT_LIFESPAN`: their token lifespan in seconds (default 60);
 //! - `BENCH_IDLE`, `BENCH_RESTART_WAIT`: seconds of the idle and after-restart windows (20 each);
+//! - `BENCH_KEYCLOAK_QUIET`: seconds of the quiet window that measures Keycloak's idle CPU rate
+//!   (default 15), subtracted from its CPU per grant;
 //! - `BENCH_RAISED_ARGS`: the operator flags of the raised-caps run, space-separated;
 //! - `BENCH_OUT`: the JSON report (default `target/bench/bench.json`).
 //!
@@ -43,7 +45,8 @@ use serde_json::{Value, json};
 use support::keycloak::REALM;
 use support::{Env, Result, repo};
 
-use crate::baseline::{BARE_CONCURRENCY, Creds, bare_loop, keycloak_rate, warm_up};
+use crate::baseline::{BARE_CONCURRENCY, Creds, bare_loop, keycloak_rate, paced_grants, warm_up};
+use crate::measure::{IdleRate, KeycloakGrants, PerGrant, keycloak_idle_rate};
 use crate::objects::Kube;
 
 /// Token lifespan of the objects measured for first issuance, restart and idle writes.
@@ -85,6 +88,7 @@ struct Config {
     short_lifespan: u32,
     idle: Duration,
     restart_wait: Duration,
+    keycloak_quiet: Duration,
     out: PathBuf,
     raised: Vec<String>,
 }
@@ -121,6 +125,7 @@ impl Config {
             short_lifespan: u32::try_from(num("BENCH_SHORT_LIFESPAN", 60)?.max(10))?,
             idle: Duration::from_secs(num("BENCH_IDLE", 20)?),
             restart_wait: Duration::from_secs(num("BENCH_RESTART_WAIT", 20)?),
+            keycloak_quiet: Duration::from_secs(num("BENCH_KEYCLOAK_QUIET", 15)?.max(5)),
             out,
             raised,
         })
@@ -177,24 +182,34 @@ async fn bench() -> Result<()> {
     log("1/9 Keycloak's bare client_credentials rate...");
     let raw = kc.create_client(REALM, "bench-raw", None, true).await?;
     let creds = Creds { url: token_url.clone(), id: raw.client_id.clone(), secret: raw.secret.clone() };
-    warm_up(&http, &creds).await;
+    let kc_pid = kc.jvm_pid().ok_or("Keycloak's JVM is not running")?;
+    warm_up(&http, &creds, kc_pid).await?;
     let (kc_rate1, kc_run1) = keycloak_rate(&http, &creds).await?;
+    // Keycloak's CPU with nothing to do, subtracted from its CPU per grant below.
+    let (kc_idle_rate, kc_idle) = keycloak_idle_rate(kc_pid, cfg.keycloak_quiet).await?;
+    log(format!(
+        "  Keycloak idle: {:.1} ms CPU per second outside JIT compiling ({:.2} s compiling) over {} s",
+        kc_idle_rate.0 * 1000.0,
+        kc_idle.jit_secs(),
+        cfg.keycloak_quiet.as_secs()
+    ));
 
     // The operator's work per object, as a bare loop.
     log("2/9 bare loop: grant + Secret apply + status apply per object...");
-    let (bare_rate1, bare_run1) = bare_loop(&cfg, &kube, kc, &http, 1).await?;
+    let (bare_rate1, bare_run1, bare_kc1) = bare_loop(&cfg, &kube, kc, &http, 1).await?;
 
     // The operator with its default flags, N fresh objects.
     log("3/9 operator with default flags: N fresh objects...");
     let (fleet, op, default) = operator::first_issuance(&env, &cfg, &kube).await?;
-    let (default_wait, default_stat) = (default.wait, default.stat);
+    let (default_wait, default_stat, default_kc) = (default.wait, default.stat, default.keycloak);
+    let default_pace = default.grant_rate;
     let (default_secs, default_rate) = (default_wait.secs, default_wait.rate());
     report.json["operator_default"] = default.json;
 
     // Every cap raised: the same objects issued again after their Secrets are deleted.
     log("4/9 operator with every cap raised: Secrets deleted, issued again...");
     let (op, raised) = operator::raised_caps(&env, &cfg, &kube, &fleet, op, bare_rate1).await?;
-    let (raised_wait, raised_stat) = (raised.wait, raised.stat);
+    let (raised_wait, raised_stat, raised_kc) = (raised.wait, raised.stat, raised.keycloak);
     let raised_rate = raised_wait.rate();
     report.json["operator_raised"] = raised.json;
 
@@ -232,14 +247,48 @@ async fn bench() -> Result<()> {
 
     // 1 and 2 again, with no operator running: the machine is shared, so the baselines bracket
     // the operator runs and the faster of each pair is the one compared against.
-    log("9/9 Keycloak's bare rate and the bare loop again...");
+    log("9/9 Keycloak's bare rate and the bare loop again; bare grants at the operator's pace...");
     let (kc_rate2, kc_run2) = keycloak_rate(&http, &creds).await?;
-    let (bare_rate2, bare_run2) = bare_loop(&cfg, &kube, kc, &http, 2).await?;
+    let (bare_rate2, bare_run2, bare_kc2) = bare_loop(&cfg, &kube, kc, &http, 2).await?;
+    // As many grants as the operator's default run made, at its pace (at most a minute of them):
+    // Keycloak's CPU per grant depends on how fast grants come.
+    let paced_kc = match default_pace {
+        Some(rate) => {
+            let count = default_kc.grants.min((rate * 60.0) as usize).max(1);
+            Some(paced_grants(kc, &http, rate, count, "bench-paced").await?)
+        }
+        None => None,
+    };
     let (kc_rate, bare_rate) = (kc_rate1.max(kc_rate2), bare_rate1.max(bare_rate2));
     let ratio = raised_rate / bare_rate;
     report.json["keycloak_bare"] = json!({"grants_per_second": kc_rate, "runs": [kc_run1, kc_run2]});
     report.json["bare_loop"] = json!({"objects_per_second": bare_rate, "runs": [bare_run1, bare_run2]});
     report.json["operator_raised"]["ratio_to_bare_loop"] = json!(ratio);
+
+    // Keycloak's CPU per grant: the operator's against the bare loop's (the mean of its two runs,
+    // which bracket the operator's in time, as Keycloak's JVM warms up), its idle rate
+    // subtracted from each.
+    let kc_cpu =
+        KeycloakCpuPerGrant::new(kc_idle_rate, [&bare_kc1, &bare_kc2], &default_kc, &raised_kc, paced_kc.as_ref());
+    let per_json = |p: Option<PerGrant>| json!(p.map(|p| json!({"all": p.all, "without_jit": p.without_jit})));
+    let ratio_json = |p: Option<PerGrant>| json!({"all": kc_cpu.ratio(p, |p| p.all), "without_jit": kc_cpu.ratio(p, |p| p.without_jit)});
+    report.json["keycloak_cpu_per_grant"] = json!({
+        "idle": {"cpu_seconds_per_second_without_jit": kc_idle_rate.0, "window": kc_idle.json()},
+        "ms": {
+            "bare_loop": per_json(kc_cpu.bare), "operator_default": per_json(kc_cpu.default),
+            "operator_raised": per_json(kc_cpu.raised), "bare_at_operator_pace": per_json(kc_cpu.paced),
+        },
+        "ratio_to_bare_loop": {
+            "operator_default": ratio_json(kc_cpu.default), "operator_raised": ratio_json(kc_cpu.raised),
+            "bare_at_operator_pace": ratio_json(kc_cpu.paced),
+        },
+        "runs": {
+            "bare_loop": [bare_kc1.json(kc_idle_rate), bare_kc2.json(kc_idle_rate)],
+            "operator_default": default_kc.json(kc_idle_rate),
+            "operator_raised": raised_kc.json(kc_idle_rate),
+            "bare_at_operator_pace": paced_kc.as_ref().map(|k| k.json(kc_idle_rate)),
+        },
+    });
 
     // The table.
     let rss_target = cfg.rss_target_mib();
@@ -263,6 +312,49 @@ async fn bench() -> Result<()> {
         "Issuance rate, every cap raised",
         format!("{raised_rate:.0} objects/s = {ratio:.2} x bare loop ({})", raised_wait.describe()),
         Some((">= 0.7 x bare loop", raised_wait.why.is_none() && ratio >= 0.7)),
+    );
+    let grants = |k: &KeycloakGrants| format!("{} grants at {:.0}/s", k.grants, k.grant_rate());
+    let kc_row = |p: Option<PerGrant>, what: String| match p {
+        None => format!("n/a (no grant; {what})"),
+        Some(p) => {
+            let vs = |r: Option<f64>| r.map(|r| format!(" = {r:.2} x bare loop")).unwrap_or_default();
+            format!(
+                "{:.2} ms{} ({:.2} ms{} outside JIT compiling; {what})",
+                p.all,
+                vs(kc_cpu.ratio(Some(p), |p| p.all)),
+                p.without_jit,
+                vs(kc_cpu.ratio(Some(p), |p| p.without_jit)),
+            )
+        }
+    };
+    let run = |k: &KeycloakGrants| match k.per_grant(kc_idle_rate) {
+        Some(p) => format!("{:.2} / {:.2} ms, {}", p.all, p.without_jit, grants(k)),
+        None => "no grant".to_owned(),
+    };
+    t.row(
+        "Keycloak CPU per grant, bare loop (mean of 2 runs, idle subtracted)",
+        match kc_cpu.bare {
+            Some(p) => format!(
+                "{:.2} ms ({:.2} ms outside JIT compiling; runs: {}; {}; idle {:.1} ms/s)",
+                p.all,
+                p.without_jit,
+                run(&bare_kc1),
+                run(&bare_kc2),
+                kc_idle_rate.0 * 1000.0
+            ),
+            None => "n/a (no grant)".to_owned(),
+        },
+        None,
+    );
+    t.row("Keycloak CPU per grant, operator, default flags", kc_row(kc_cpu.default, grants(&default_kc)), None);
+    t.row("Keycloak CPU per grant, operator, every cap raised", kc_row(kc_cpu.raised, grants(&raised_kc)), None);
+    t.row(
+        "Keycloak CPU per grant, bare grants at the default run's pace",
+        match &paced_kc {
+            Some(k) => kc_row(kc_cpu.paced, grants(k)),
+            None => "n/a (the default run's pace is unknown)".to_owned(),
+        },
+        None,
     );
     let per = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a (no refresh)".into());
     t.row(
@@ -351,6 +443,10 @@ async fn bench() -> Result<()> {
             refresh.refreshes - refresh.short_refreshes,
         ),
         "Operator CPU = utime + stime of the operator process (/proc/<pid>/stat) over the window, divided by the refreshes; \"above the idle rate\" subtracts its CPU rate over the idle window.".to_owned(),
+        format!(
+            "Keycloak CPU per grant = utime + stime of Keycloak's JVM (/proc/<pid>/stat) from the start to the end of a run (the bare loop's grant-and-write loop; the operator's start to all Ready; the paced grants), less Keycloak's idle rate (outside compiling, over a {} s quiet window after its warm-up) times the run's length, divided by the run's client's CLIENT_LOGIN events in Keycloak (its admin API is asked only after the reading). \"Outside JIT compiling\" leaves out the JVM's compiler threads (/proc/<pid>/task/*/stat): compiling is Keycloak's JVM warming up, which lands in whichever run is going on, most in the early and the long ones. The bare loop figure is the mean of its two runs (before and after the operator's; each run: in all / outside JIT compiling); the paced grants are bare grants (8 keep-alive connections, one client) spread evenly at the default run's pace, from its first to its last grant event.",
+            cfg.keycloak_quiet.as_secs()
+        ),
         "Writes count every write verb (POST, PUT, PATCH, APPLY, DELETE) on secrets and registryaccesses (all subresources), from kube-apiserver's apiserver_request_total.".to_owned(),
         format!(
             "Raised caps: {}. Restart, idle, memory and routine refresh use the default flags.",
@@ -394,6 +490,45 @@ async fn bench() -> Result<()> {
     log("stopping and removing the environment...");
     drop(env);
     Ok(())
+}
+
+/// Keycloak's CPU per grant (its idle rate subtracted) under the bare loop, the operator, and
+/// bare grants at the operator's pace.
+struct KeycloakCpuPerGrant {
+    bare: Option<PerGrant>,
+    default: Option<PerGrant>,
+    raised: Option<PerGrant>,
+    paced: Option<PerGrant>,
+}
+
+impl KeycloakCpuPerGrant {
+    fn new(
+        idle: IdleRate,
+        bare: [&KeycloakGrants; 2],
+        default: &KeycloakGrants,
+        raised: &KeycloakGrants,
+        paced: Option<&KeycloakGrants>,
+    ) -> Self {
+        // The mean of the two bare runs: they bracket the operator's runs, and Keycloak's JVM is
+        // warmer at the second (less compiling, more of its code compiled).
+        let runs: Vec<PerGrant> = bare.iter().filter_map(|k| k.per_grant(idle)).collect();
+        let n = runs.len() as f64;
+        let bare = (!runs.is_empty()).then(|| PerGrant {
+            all: runs.iter().map(|p| p.all).sum::<f64>() / n,
+            without_jit: runs.iter().map(|p| p.without_jit).sum::<f64>() / n,
+        });
+        Self {
+            bare,
+            default: default.per_grant(idle),
+            raised: raised.per_grant(idle),
+            paced: paced.and_then(|k| k.per_grant(idle)),
+        }
+    }
+
+    /// A figure against the bare loop's.
+    fn ratio(&self, p: Option<PerGrant>, figure: impl Fn(PerGrant) -> f64) -> Option<f64> {
+        Some(figure(p?) / self.bare.map(&figure).filter(|b| *b > 0.0)?)
+    }
 }
 
 // ---- the table and the JSON report ----

@@ -1,8 +1,9 @@
-//! What the bench reads off the processes it measures: the operator's CPU time and memory from
-//! /proc, kube-apiserver's request counts from its metrics, the operator's renewal lag histogram,
-//! and the span of Keycloak's grant events.
+//! What the bench reads off the processes it measures: the operator's and Keycloak's CPU time and
+//! the operator's memory from /proc, kube-apiserver's request counts from its metrics, the
+//! operator's renewal lag histogram, and the span of Keycloak's grant events.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use kube::Client;
@@ -50,7 +51,25 @@ pub fn kib(text: &str, key: &str) -> Option<u64> {
 
 /// utime + stime of a process, in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    cpu_ticks_of(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+/// utime + stime of each thread of a process, in clock ticks, by thread id, with its name.
+fn thread_ticks(pid: u32) -> HashMap<u32, (String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return HashMap::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let tid = e.file_name().to_str()?.parse::<u32>().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let (head, _) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1.to_owned();
+        Some((tid, (name, cpu_ticks_of(&stat).ok()?)))
+    })
+    .collect()
+}
+
+/// utime + stime from the text of a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat.
+fn cpu_ticks_of(stat: &str) -> Result<u64> {
     // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("unreadable /proc/<pid>/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -69,6 +88,152 @@ pub fn clock_ticks() -> f64 {
             .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+// ---- Keycloak's CPU (its JVM, from /proc) ----
+
+/// A reading of Keycloak's CPU time, to be compared with a later one.
+pub struct KeycloakCpu {
+    pid: u32,
+    at: Instant,
+    ticks: u64,
+    threads: HashMap<u32, (String, u64)>,
+}
+
+/// Keycloak's CPU over a stretch of time, and where it went.
+#[derive(Clone, Debug)]
+pub struct CpuUse {
+    pub cpu_secs: f64,
+    pub secs: f64,
+    /// CPU seconds by kind of thread (request handling, HTTP I/O, JIT compiler, GC, other, and
+    /// threads that ended within the stretch).
+    pub by_thread: BTreeMap<&'static str, f64>,
+    /// CPU seconds of the "other" threads by name (digits left out), those of 10 ms or more.
+    pub other: BTreeMap<String, f64>,
+}
+
+/// The kind of JVM thread that compiles code (C1, C2 and the code cache sweeper).
+const JIT: &str = "jit compiler";
+
+/// What a JVM thread of Keycloak does, from its name.
+fn thread_kind(name: &str) -> &'static str {
+    if name.starts_with("executor-thread") {
+        "requests (executor-thread)"
+    } else if name.starts_with("vert.x-") {
+        // Thread names are cut to 15 characters: "vert.x-eventloo", "vert.x-acceptor".
+        "http i/o (vert.x)"
+    } else if name.contains("CompilerThre") || name.starts_with("Sweeper") {
+        JIT
+    } else if name.starts_with("GC Thread") || name.starts_with("G1 ") || name.starts_with("VM Thread") {
+        "gc and vm"
+    } else {
+        "other"
+    }
+}
+
+impl KeycloakCpu {
+    pub fn read(pid: u32) -> Result<Self> {
+        Ok(Self { pid, at: Instant::now(), ticks: cpu_ticks(pid)?, threads: thread_ticks(pid) })
+    }
+
+    /// Keycloak's CPU since this reading.
+    pub fn since(&self) -> Result<CpuUse> {
+        let (secs, ticks, threads) = (self.at.elapsed().as_secs_f64(), cpu_ticks(self.pid)?, thread_ticks(self.pid));
+        let cpu = |t: u64| t as f64 / clock_ticks();
+        let mut by_thread: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut other: BTreeMap<String, f64> = BTreeMap::new();
+        let mut live = 0;
+        for (tid, (name, now)) in &threads {
+            let before = self.threads.get(tid).filter(|(n, _)| n == name).map_or(0, |(_, t)| *t);
+            let d = now.saturating_sub(before);
+            live += d;
+            let kind = thread_kind(name);
+            *by_thread.entry(kind).or_insert(0.0) += cpu(d);
+            if kind == "other" {
+                *other.entry(name.replace(|c: char| c.is_ascii_digit(), "")).or_insert(0.0) += cpu(d);
+            }
+        }
+        other.retain(|_, v| *v >= 0.01);
+        let total = ticks.saturating_sub(self.ticks);
+        by_thread.insert("threads that ended", cpu(total.saturating_sub(live)));
+        Ok(CpuUse { cpu_secs: cpu(total), secs, by_thread, other })
+    }
+}
+
+/// Keycloak's CPU rate with nothing to do, in CPU seconds per second, outside its JIT compiler
+/// threads: its steady background (timers, expiry tasks, GC). Compiling is left out because it is
+/// not steady: after a start it goes on while the JVM is idle too, and fades.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdleRate(pub f64);
+
+/// Keycloak's CPU per grant in milliseconds, its idle rate subtracted: in all, and outside its
+/// JIT compiler threads (compiling is the JVM warming up, which lands in whichever run is going
+/// on when it happens, not a cost of each grant).
+#[derive(Clone, Copy, Debug)]
+pub struct PerGrant {
+    pub all: f64,
+    pub without_jit: f64,
+}
+
+impl CpuUse {
+    /// CPU seconds of the JIT compiler threads.
+    pub fn jit_secs(&self) -> f64 {
+        self.by_thread.get(JIT).copied().unwrap_or(0.0)
+    }
+
+    /// CPU seconds per second over the stretch outside the JIT compiler threads.
+    pub fn rate(&self) -> IdleRate {
+        IdleRate((self.cpu_secs - self.jit_secs()) / self.secs.max(1e-9))
+    }
+
+    pub fn per_grant(&self, grants: usize, idle: IdleRate) -> Option<PerGrant> {
+        let per = |cpu: f64| (cpu - idle.0 * self.secs).max(0.0) * 1000.0 / grants as f64;
+        (grants > 0).then(|| PerGrant { all: per(self.cpu_secs), without_jit: per(self.cpu_secs - self.jit_secs()) })
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "seconds": self.secs, "cpu_seconds": self.cpu_secs, "cpu_seconds_by_thread": self.by_thread,
+            "other_threads_cpu_seconds": self.other,
+        })
+    }
+}
+
+/// Keycloak's CPU over a stretch of grants, and the grants it recorded in it.
+#[derive(Clone, Debug)]
+pub struct KeycloakGrants {
+    pub cpu: CpuUse,
+    pub grants: usize,
+}
+
+impl KeycloakGrants {
+    pub fn per_grant(&self, idle: IdleRate) -> Option<PerGrant> {
+        self.cpu.per_grant(self.grants, idle)
+    }
+
+    /// Grants per second over the stretch.
+    pub fn grant_rate(&self) -> f64 {
+        self.grants as f64 / self.cpu.secs.max(1e-9)
+    }
+
+    pub fn json(&self, idle: IdleRate) -> Value {
+        let per = self.per_grant(idle);
+        let mut v = self.cpu.json();
+        v["grants"] = json!(self.grants);
+        v["grants_per_second"] = json!(self.grant_rate());
+        v["idle_cpu_seconds_subtracted"] = json!(idle.0 * self.cpu.secs);
+        v["cpu_ms_per_grant"] = json!(per.map(|p| p.all));
+        v["cpu_ms_per_grant_without_jit"] = json!(per.map(|p| p.without_jit));
+        v
+    }
+}
+
+/// Keycloak's CPU rate while it has nothing to do, over `length`.
+pub async fn keycloak_idle_rate(pid: u32, length: Duration) -> Result<(IdleRate, CpuUse)> {
+    let before = KeycloakCpu::read(pid)?;
+    tokio::time::sleep(length).await;
+    let used = before.since()?;
+    Ok((used.rate(), used))
 }
 
 // ---- kube-apiserver's request counts ----

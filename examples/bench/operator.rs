@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::env::start_operator;
 use crate::measure::{
-    ProcStat, apiserver_requests, breakdown, clock_ticks, cpu_ticks, delta, grant_span, proc_stat, writes,
+    KeycloakCpu, KeycloakGrants, ProcStat, apiserver_requests, breakdown, clock_ticks, cpu_ticks, delta, grant_span,
+    proc_stat, writes,
 };
 use crate::objects::{self, Kube, Waited, count_ready, count_token_secrets, create_ras, per_namespace, wait_ready};
 use crate::support::keycloak::REALM;
@@ -41,6 +42,10 @@ pub struct Issued {
     pub wait: Waited,
     /// The operator's CPU and memory when all were Ready.
     pub stat: ProcStat,
+    /// Keycloak's CPU from the operator's start to all Ready, and the grants it recorded then.
+    pub keycloak: KeycloakGrants,
+    /// The operator's pace: grants per second from Keycloak's first to its last grant event.
+    pub grant_rate: Option<f64>,
     pub json: Value,
 }
 
@@ -63,10 +68,15 @@ pub async fn first_issuance(env: &Env, cfg: &Config, kube: &Kube) -> Result<(Fle
     let base_args = vec![format!("--probe-addr=127.0.0.1:{probe_port}"), "--log-level=info".to_owned()];
     let expected = per_namespace(&objects);
     let timeout = Duration::from_secs(120 + cfg.n as u64 / 5);
+    let kc_before = KeycloakCpu::read(kc.jvm_pid().ok_or("Keycloak is not running")?)?;
     let (t0, since) = (Instant::now(), Timestamp::now());
     let mut op = start_operator(env, "operator-default", &base_args).await?;
     let wait = wait_ready(kube, "long", &expected, None, timeout, t0, &mut op).await?;
+    // Keycloak's CPU is read before its admin API is asked for the grants.
+    let kc_cpu = kc_before.since()?;
     let grants = kc.grant_times(REALM, &op_client.client_id).await?;
+    let keycloak = KeycloakGrants { cpu: kc_cpu, grants: grants.len() };
+    let grant_rate = pace(&grants);
     let stat = proc_stat(&op)?;
     log(format!("  {} ({:.1} objects/s)", wait.describe(), wait.rate()));
     let json = json!({
@@ -78,7 +88,7 @@ pub async fn first_issuance(env: &Env, cfg: &Config, kube: &Kube) -> Result<(Fle
         "cpu_seconds": stat.cpu_secs(), "vm_hwm_mib": stat.hwm_mib(),
     });
     let fleet = Fleet { namespaces, client_id: op_client.client_id, expected, base_args, probe_port, timeout };
-    Ok((fleet, op, Issued { wait, stat, json }))
+    Ok((fleet, op, Issued { wait, stat, keycloak, grant_rate, json }))
 }
 
 /// Every cap raised: stops `op`, deletes the token Secrets and starts the operator with the raised
@@ -107,10 +117,14 @@ pub async fn raised_caps(
     // Tokens of this run are told from the previous run's by status.issuedAt (whole seconds):
     // let the clock pass into a later second than any of them.
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    let kc_before = KeycloakCpu::read(kc.jvm_pid().ok_or("Keycloak is not running")?)?;
     let (t0, since) = (Instant::now(), Timestamp::now());
     let mut op = start_operator(env, "operator-raised", &raised_args).await?;
     let wait = wait_ready(kube, "long", &fleet.expected, Some(since), fleet.timeout, t0, &mut op).await?;
+    let kc_cpu = kc_before.since()?;
     let grants = kc.grant_times(REALM, &fleet.client_id).await?;
+    let keycloak = KeycloakGrants { cpu: kc_cpu, grants: grants.len().saturating_sub(grants_before) };
+    let grant_rate = pace(&grants[grants_before.min(grants.len())..]);
     let stat = proc_stat(&op)?;
     log(format!(
         "  {} ({:.1} objects/s, {:.2} x the first bare loop)",
@@ -127,7 +141,13 @@ pub async fn raised_caps(
         "keycloak_grant_span_seconds": grant_span(&grants, since),
         "cpu_seconds": stat.cpu_secs(), "vm_hwm_mib": stat.hwm_mib(),
     });
-    Ok((op, Issued { wait, stat, json }))
+    Ok((op, Issued { wait, stat, keycloak, grant_rate, json }))
+}
+
+/// Grants per second from the first to the last of sorted grant times (Unix milliseconds).
+fn pace(times: &[i64]) -> Option<f64> {
+    let (first, last) = (times.first()?, times.last()?);
+    (last > first).then(|| (times.len() - 1) as f64 * 1000.0 / (last - first) as f64)
 }
 
 /// What a restart with valid tokens cost.

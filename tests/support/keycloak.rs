@@ -176,6 +176,20 @@ impl Keycloak {
         }
     }
 
+    /// The server's JVM process id, while it runs: kc.sh runs the JVM as its child (or execs it
+    /// after a rebuild), so it is the `java` process among kc.sh and its descendants.
+    pub fn jvm_pid(&self) -> Option<u32> {
+        let root = self.proc.as_ref().and_then(Proc::pid)?;
+        let mut todo = vec![root];
+        while let Some(pid) = todo.pop() {
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "java") {
+                return Some(pid);
+            }
+            todo.extend(super::process::children(pid));
+        }
+        None
+    }
+
     pub fn token_url(&self, realm: &str) -> String {
         format!("{}/realms/{realm}/protocol/openid-connect/token", self.base_url)
     }
