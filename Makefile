@@ -15,8 +15,8 @@ test:
 	bash hack/test.sh
 
 # The benchmark (not part of `make test`): Keycloak's bare grant rate, a bare grant-and-write loop
-# and the release operator (first issuance, routine refresh cost, idle writes, restart, memory) on
-# the end-to-end environment. BENCH_N (default 1000), BENCH_K (10), BENCH_WINDOW (60 s), BENCH_OUT
+# and the release operator (first issuance, routine refresh cost, idle writes, restart, memory,
+# Keycloak's CPU per grant against the bare loop's) on the end-to-end environment. BENCH_N (default 1000), BENCH_K (10), BENCH_WINDOW (60 s), BENCH_OUT
 # (target/bench/bench.json); see examples/bench/main.rs. Prints a table; writes the JSON report. Then
 # the pod freshness run (target/bench/pod-freshness.json): delivery delays into mounted volumes
 # and the least validity pods saw, with 300 s tokens on the kubelet's default sync period.
