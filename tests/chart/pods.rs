@@ -3,7 +3,6 @@
 //! only the nudge annotation; and `kubectl apply` of a workload that reads a token once prints the
 //! warning.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,25 +10,6 @@ use crate::common::*;
 use crate::support::{Env, Result, k8s};
 
 const NUDGE_ANNOTATION: &str = "registry-access.io/token-written";
-
-/// kubectl with `kubeconfig` and `input` on stdin: (success, stdout, stderr).
-fn kubectl_full(env: &Env, kubeconfig: &std::path::Path, args: &[&str], input: &str) -> Result<(bool, String, String)> {
-    use std::io::Write as _;
-    let mut child = Command::new(env.tools.bin.join("kubectl"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child.stdin.take().ok_or("no stdin")?.write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
 
 /// With the chart's pod nudge on, the operator's ServiceAccount may patch pods, and the chart's
 /// admission policy refuses every change it makes to a pod but the nudge annotation.
@@ -54,7 +34,7 @@ pub async fn the_operator_may_change_only_the_nudge_annotation_of_a_pod(env: Arc
     let uid = env.cluster.kubectl(&["get", "pod", "p", "-n", team, "-o", "jsonpath={.metadata.uid}"])?;
     let token = env.cluster.kubectl(&["create", "token", &release.sa, "-n", &release.ns, "--duration=1h"])?;
     let operator = env.cluster.kubeconfig_with_token("rao-pods-operator", token.trim())?;
-    let as_operator = |args: &[&str]| kubectl_full(&env, &operator, args, "");
+    let as_operator = |args: &[&str]| env.cluster.kubectl_full(&operator, args, "");
 
     // Policies reach the API server's admission asynchronously: try until the refusal comes.
     let t = Instant::now();
@@ -96,7 +76,7 @@ pub async fn the_operator_may_change_only_the_nudge_annotation_of_a_pod(env: Arc
          selector: {{matchLabels: {{app: r}}}}\n  template:\n    metadata: {{labels: {{app: r}}}}\n    spec:\n      \
          containers: [{{name: caller, image: busybox, env: [{{name: TOKEN, valueFrom: {{secretKeyRef: {{name: ra-token, key: access_token}}}}}}]}}]\n"
     );
-    let (ok, _, err) = kubectl_full(&env, &env.cluster.kubeconfig, &["apply", "-f", "-"], &deployment)?;
+    let (ok, _, err) = env.cluster.kubectl_full(&env.cluster.kubeconfig, &["apply", "-f", "-"], &deployment)?;
     assert!(ok, "the workload was refused: {err}");
     assert!(
         err.contains("Warning") && err.contains("caller") && err.contains("environment variable"),

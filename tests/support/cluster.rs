@@ -299,9 +299,19 @@ impl Cluster {
 
     /// Runs the built kubectl with the admin kubeconfig and `input` on its standard input.
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
+        let (ok, stdout, stderr) = self.kubectl_full(&self.kubeconfig, args, input)?;
+        if !ok {
+            return Err(format!("kubectl {} failed: {stderr}", args.join(" ")).into());
+        }
+        Ok(stdout)
+    }
+
+    /// Runs the built kubectl with `kubeconfig` and `input` on its standard input: whether it
+    /// succeeded, its stdout and its stderr (where warnings go, also on success).
+    pub fn kubectl_full(&self, kubeconfig: &Path, args: &[&str], input: &str) -> Result<(bool, String, String)> {
         use std::io::Write as _;
         let mut child = Command::new(self.bin.join("kubectl"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -309,10 +319,11 @@ impl Cluster {
             .spawn()?;
         child.stdin.take().ok_or("no stdin")?.write_all(input.as_bytes())?;
         let out = child.wait_with_output()?;
-        if !out.status.success() {
-            return Err(format!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)).into());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// Writes a kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's).
