@@ -388,12 +388,20 @@ fn deadline(expires_at: Timestamp, failed_attempt: Duration, now: Timestamp) -> 
 /// Pods of one token Secret nudged at once.
 const NUDGE_CONCURRENCY: usize = 8;
 
+/// Pod nudges in flight operator-wide. However many Secrets and mounting pods a namespace has,
+/// their nudges hold at most this many of the operator's API requests at a time, so that the
+/// token writes of every other object never queue behind them (in the client or in the API
+/// server's priority and fairness). Secrets take turns: each waits with at most
+/// [`NUDGE_CONCURRENCY`] of its pods, and turns are given first come first served.
+pub const NUDGES_IN_FLIGHT: usize = 16;
+
 /// Tells the running pods that mount `ra`'s token Secret as a volume that it was written (at
-/// `version`): one patch of one annotation each, concurrently up to [`NUDGE_CONCURRENCY`], in a
-/// task of its own, so that a slow or refused nudge never delays the refresh (the kubelet's
-/// periodic sync still delivers). Each patch carries the pod's uid as a precondition: a pod
-/// replaced under the same name meanwhile is left alone.
-fn nudge(ctx: &Context, ra: &RegistryAccess, version: &str) {
+/// `version`): one patch of one annotation each, concurrently up to [`NUDGE_CONCURRENCY`] and
+/// within the operator-wide [`NUDGES_IN_FLIGHT`], in a task of its own, so that a slow or refused
+/// nudge never delays the refresh (the kubelet's periodic sync still delivers). Each patch
+/// carries the pod's uid as a precondition: a pod replaced under the same name meanwhile is left
+/// alone.
+pub(super) fn nudge(ctx: &Context, ra: &RegistryAccess, version: &str) {
     if !ctx.nudge_pods || ra.spec.nudge_pods == Some(false) {
         return;
     }
@@ -403,13 +411,15 @@ fn nudge(ctx: &Context, ra: &RegistryAccess, version: &str) {
         return;
     }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &secret.namespace);
-    let (metrics, timeout) = (ctx.metrics.clone(), ctx.api_timeout);
+    let (metrics, timeout, in_flight) = (ctx.metrics.clone(), ctx.api_timeout, ctx.nudges_in_flight.clone());
     let value = format!("{}@{version}", secret.name);
     tokio::spawn(async move {
         futures::stream::iter(pods)
             .for_each_concurrent(NUDGE_CONCURRENCY, |pod| {
-                let (api, metrics, value) = (&api, &metrics, &value);
+                let (api, metrics, value, in_flight) = (&api, &metrics, &value, &in_flight);
                 async move {
+                    // The semaphore is never closed.
+                    let Ok(_turn) = in_flight.acquire().await else { return };
                     let patch = json!({
                         "metadata": {"uid": pod.uid, "annotations": {TOKEN_WRITTEN_ANNOTATION: value}},
                     });

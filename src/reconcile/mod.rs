@@ -72,6 +72,8 @@ pub struct Context {
     /// Pods that mount a token Secret are nudged after each write (`--nudge-pods`), where the
     /// object allows it.
     pub nudge_pods: bool,
+    /// Turns for pod nudges, [`apply::NUDGES_IN_FLIGHT`] operator-wide.
+    pub nudges_in_flight: Arc<tokio::sync::Semaphore>,
     undecodable: Mutex<HashSet<Key>>,
     /// The objects that exist, by the watch: key -> uid.
     live: Mutex<std::collections::HashMap<Key, String>>,
@@ -120,6 +122,7 @@ impl Context {
             bundles: Default::default(),
             pods: Default::default(),
             nudge_pods: settings.nudge_pods,
+            nudges_in_flight: Arc::new(tokio::sync::Semaphore::new(apply::NUDGES_IN_FLIGHT)),
             undecodable: Mutex::new(HashSet::new()),
             live: Mutex::default(),
             watch_logged: Mutex::default(),
@@ -536,5 +539,75 @@ mod tests {
         assert!(ctx.states.failure("uid-1").is_none() && ctx.states.failure("uid-2").is_some());
         ctx.settle(&key, "uid-2");
         assert!(ctx.states.failure("uid-2").is_some(), "a live object keeps its state");
+    }
+
+    /// One namespace's nudges hold a bounded number of the operator's API requests, and token
+    /// Secrets take turns: four Secrets written together, ten running mounting pods each, against
+    /// an API server that holds every patch until the test answers the whole round. At most
+    /// [`apply::NUDGES_IN_FLIGHT`] patches wait at once (without the operator-wide turns: 32,
+    /// eight per Secret); the second round is the first eight pods of the two Secrets that
+    /// waited, before the ninth pods of the first two; every pod is patched once.
+    #[tokio::test(start_paused = true)]
+    async fn nudges_of_many_secrets_hold_a_bounded_number_of_requests() {
+        let (ctx, mut api) = context_with_api();
+        let secrets = ["a", "b", "c", "d"];
+        for s in secrets {
+            for i in 0..10 {
+                let view = crate::watch::pods::PodView {
+                    uid: format!("{s}{i}-uid"),
+                    running: true,
+                    mounts: vec![format!("{s}-token")],
+                    fixed: Vec::new(),
+                };
+                ctx.pods.applied(Key::new("billing", &format!("{s}{i}")), Some(view));
+            }
+        }
+        for s in secrets {
+            let mut ra = crate::secret::tests::ra();
+            ra.metadata.name = Some(s.into());
+            apply::nudge(&ctx, &ra, "7");
+        }
+        let answer = |respond: tower_test::mock::SendResponse<http::Response<kube::client::Body>>| {
+            let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
+            let body = kube::client::Body::from(serde_json::to_vec(&pod).expect("json"));
+            respond.send_response(http::Response::builder().status(200).body(body).expect("response"));
+        };
+        let (mut waiting, mut rounds) = (Vec::new(), vec![Vec::<String>::new()]);
+        let mut most = 0;
+        while rounds.iter().map(Vec::len).sum::<usize>() < 40 {
+            // The clock is paused: it moves on only when every task waits, so a quiet 100 ms
+            // means that no further patch can come before some are answered.
+            match tokio::time::timeout(Duration::from_millis(100), api.next_request()).await {
+                Ok(Some((request, respond))) => {
+                    assert_eq!(request.method(), http::Method::PATCH, "{}", request.uri());
+                    let name = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+                    rounds.last_mut().expect("a round").push(name);
+                    waiting.push(respond);
+                    most = most.max(waiting.len());
+                }
+                Ok(None) => panic!("the client went away after {rounds:?}"),
+                Err(_) => {
+                    assert!(!waiting.is_empty(), "the nudges stopped after {rounds:?}");
+                    waiting.drain(..).for_each(answer);
+                    rounds.push(Vec::new());
+                }
+            }
+        }
+        waiting.drain(..).for_each(answer);
+        // The last answers are counted once their tasks have run (before the paused clock moves).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(most, apply::NUDGES_IN_FLIGHT, "patches waiting at once: {rounds:?}");
+        let sorted = |names: &[String]| {
+            let mut names = names.to_vec();
+            names.sort();
+            names
+        };
+        let waited: Vec<String> = ["c", "d"].iter().flat_map(|s| (0..8).map(move |i| format!("{s}{i}"))).collect();
+        assert_eq!(sorted(&rounds[1]), waited, "the second round: {rounds:?}");
+        let mut each = sorted(&rounds.concat());
+        each.dedup();
+        assert_eq!(each.len(), 40, "a pod was patched twice or not at all: {rounds:?}");
+        let text = ctx.metrics.render();
+        assert!(text.contains(r#"registry_access_pod_nudges_total{outcome="sent"} 40"#), "{text}");
     }
 }
