@@ -79,7 +79,17 @@ pub async fn the_operator_may_change_only_the_nudge_annotation_of_a_pod(env: Arc
          selector: {{matchLabels: {{app: r}}}}\n  template:\n    metadata: {{labels: {{app: r}}}}\n    spec:\n      \
          containers: [{{name: caller, image: busybox, env: [{{name: TOKEN, valueFrom: {{secretKeyRef: {{name: ra-token, key: access_token}}}}}}]}}]\n"
     );
-    let (ok, _, err) = env.cluster.kubectl_full(&env.cluster.kubeconfig, &["apply", "-f", "-"], &deployment)?;
+    // The warning comes from a second policy, loaded on its own: a server-side dry run first, until
+    // it warns (without the policy no warning ever comes and the assertion below fails).
+    let t = Instant::now();
+    let apply = |extra: &[&str]| {
+        let args: Vec<&str> = ["apply", "-f", "-"].iter().chain(extra).copied().collect();
+        env.cluster.kubectl_full(&env.cluster.kubeconfig, &args, &deployment)
+    };
+    while !apply(&["--dry-run=server"])?.2.contains("Warning") && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (ok, _, err) = apply(&[])?;
     assert!(ok, "the workload was refused: {err}");
     assert!(
         err.contains("Warning") && err.contains("caller") && err.contains("environment variable"),
