@@ -22,7 +22,7 @@ use super::Context;
 use super::decide::{self, Decision, FetchReason, Inputs};
 use super::read::{Learned, Prepared, Presented, TokenSecret};
 use crate::api::{RegistryAccess, RegistryAccessStatus, TOKEN_WRITTEN_ANNOTATION};
-use crate::failure::{Error, Problem, reason, within};
+use crate::failure::{self, Error, Problem, reason, within};
 use crate::keycloak::assertion::Credential;
 use crate::keycloak::token::TokenFacts;
 use crate::requests::issuer::{Job, OwnedRequest};
@@ -428,7 +428,11 @@ pub(super) fn nudge(ctx: &Context, ra: &RegistryAccess, version: &str) {
                     metrics.pod_nudged(sent.is_ok());
                     match sent {
                         Ok(_) => debug!(pod = %pod.name, "pod nudged"),
-                        Err(e) => debug!(pod = %pod.name, error = %e, "pod nudge failed; the kubelet's sync delivers"),
+                        Err(e) => debug!(
+                            pod = %pod.name,
+                            error = %failure::api_summary(&e),
+                            "pod nudge failed; the kubelet's sync delivers"
+                        ),
                     }
                 }
             })

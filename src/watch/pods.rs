@@ -20,6 +20,10 @@ use crate::watch::relist::Relist;
 pub const MAX_SECRETS_PER_POD: usize = 32;
 /// Container names longer than this are cut (they are DNS labels, 63 characters at most).
 const MAX_CONTAINER_CHARS: usize = 63;
+/// A `subPath` longer than this is kept cut (the API server sets no length limit on it; Secret
+/// keys, which it names, have at most 253 characters): a pod costs a bounded amount however long
+/// its paths are.
+const MAX_KEY_CHARS: usize = 253;
 
 /// How a container reads a Secret so that it never sees a renewed token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,7 +100,7 @@ pub fn view(pod: &Pod) -> Option<PodView> {
                     for s in secrets {
                         fixed.insert(FixedRead {
                             secret: (*s).to_owned(),
-                            key: Some(path.to_owned()),
+                            key: Some(path.chars().take(MAX_KEY_CHARS).collect()),
                             container: container.clone(),
                             how: Fixed::SubPath,
                         });
@@ -395,5 +399,15 @@ mod tests {
             "Running",
         );
         assert_eq!(view(&p).expect("kept").mounts.len(), MAX_SECRETS_PER_POD);
+    }
+
+    #[test]
+    fn a_long_sub_path_is_kept_cut() {
+        let mut p = workload();
+        let long = "k".repeat(100_000);
+        p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[2].sub_path = Some(long);
+        let v = view(&p).expect("kept");
+        let sub_path = v.fixed.iter().find(|f| f.how == Fixed::SubPath).expect("the subPath read");
+        assert_eq!(sub_path.key.as_deref().map(str::len), Some(MAX_KEY_CHARS));
     }
 }
