@@ -61,26 +61,26 @@ pub async fn alerts_fire_and_stay_quiet_under_promtool(env: Arc<Env>) -> Result<
     Ok(())
 }
 
+/// Chart values that turn the NetworkPolicy on, with one API server and one Keycloak.
+const NETWORK_POLICY: [&str; 6] = [
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set",
+    "networkPolicy.apiServer[0].cidr=10.0.0.1/32,networkPolicy.apiServer[0].ports={443}",
+    "--set",
+    "networkPolicy.keycloak[0].cidr=192.0.2.10/32,networkPolicy.keycloak[0].ports={443}",
+];
+
 pub async fn lints_and_renders_for_both_scopes(env: Arc<Env>) -> Result<()> {
-    helm(&env, &["lint", &chart()])?;
-    helm(&env, &["lint", &chart(), "--set", "watchNamespaces={team-x,team-y}"])?;
-    helm(
-        &env,
-        &[
-            "lint",
-            &chart(),
-            "--set",
-            "replicaCount=2",
-            "--set",
-            "allowedServers={https://kc.example.com/auth}",
-            "--set",
-            "networkPolicy.enabled=true",
-            "--set",
-            "networkPolicy.apiServer[0].cidr=10.0.0.1/32,networkPolicy.apiServer[0].ports={443}",
-            "--set",
-            "networkPolicy.keycloak[0].cidr=192.0.2.10/32,networkPolicy.keycloak[0].ports={443}",
-        ],
-    )?;
+    let (chart_dir, kube) = (chart(), kube_version());
+    helm(&env, &["lint", &chart_dir])?;
+    helm(&env, &["lint", &chart_dir, "--set", "watchNamespaces={team-x,team-y}"])?;
+    let lint: Vec<&str> =
+        ["lint", &chart_dir, "--set", "replicaCount=2", "--set", "allowedServers={https://kc.example.com/auth}"]
+            .into_iter()
+            .chain(NETWORK_POLICY)
+            .collect();
+    helm(&env, &lint)?;
     env.cluster.kubectl(&["create", "namespace", "render-system"])?;
     for ns in ["team-x", "team-y"] {
         env.cluster.kubectl(&["create", "namespace", ns])?;
@@ -88,28 +88,9 @@ pub async fn lints_and_renders_for_both_scopes(env: Arc<Env>) -> Result<()> {
     for values in [
         vec![],
         vec!["--set", "watchNamespaces={team-x,team-y}"],
-        vec![
-            "--set",
-            "networkPolicy.enabled=true",
-            "--set",
-            "networkPolicy.apiServer[0].cidr=10.0.0.1/32,networkPolicy.apiServer[0].ports={443}",
-            "--set",
-            "networkPolicy.keycloak[0].cidr=192.0.2.10/32,networkPolicy.keycloak[0].ports={443}",
-            "--set",
-            "replicaCount=2",
-            "--set",
-            "caBundle.configMap=platform-ca",
-        ],
+        [NETWORK_POLICY.as_slice(), &["--set", "replicaCount=2", "--set", "caBundle.configMap=platform-ca"]].concat(),
     ] {
-        let mut args = vec![
-            "template",
-            "rao",
-            chart().leak() as &str,
-            "--namespace",
-            "render-system",
-            "--kube-version",
-            kube_version().leak(),
-        ];
+        let mut args = vec!["template", "rao", &chart_dir, "--namespace", "render-system", "--kube-version", &kube];
         args.extend(values.iter());
         let rendered = helm(&env, &args)?;
         // The real API server validates every rendered object without storing it.
