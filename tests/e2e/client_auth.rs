@@ -68,9 +68,7 @@ pub async fn environment_supports_secretless_client_authentication(env: Arc<Env>
 /// anywhere, Keycloak says federated-jwt, tokens are refreshed over several lifetimes; a recreated
 /// ServiceAccount gets a new token; a deleted one keeps the last token and says why.
 pub async fn service_account_authenticates_without_any_secret(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "federated", &[probe.as_str(), "--kubelet-sync-period=0s"]).await?;
+    let (c, port) = Case::with_metrics(env, "federated", &["--kubelet-sync-period=0s"]).await?;
     let issuer = c.kc().issuer(REALM);
     k8s::put_service_account(&c.client, &c.ns, "registry-client", Some(&issuer)).await?;
     let client_id = unique("federated");

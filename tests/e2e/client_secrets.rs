@@ -13,7 +13,7 @@ use crate::support::case::*;
 use crate::support::k8s::{self, condition, wait_condition};
 use crate::support::keycloak::REALM;
 use crate::support::metrics::wait_idle;
-use crate::support::{self, Env, Result};
+use crate::support::{Env, Result};
 
 /// A rotated client secret is used at once; a wrong one keeps the last good token.
 pub async fn rotated_and_wrong_client_secrets(env: Arc<Env>) -> Result<()> {
@@ -97,9 +97,7 @@ pub async fn client_secrets_stay_in_their_namespace(env: Arc<Env>) -> Result<()>
 /// A Secret that did not opt in is never sent, even holding the right client secret: its reason
 /// says how to opt in, Keycloak counts no grant, and the value appears nowhere. Labelled, it is.
 pub async fn a_client_secret_that_did_not_opt_in_is_never_sent(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "opt-in", &[probe.as_str()]).await?;
+    let (c, port) = Case::with_metrics(env, "opt-in", &[]).await?;
     let client_id = unique("opt-in");
     let kc_client = c.kc().create_client(REALM, &client_id, None, true).await?;
     c.sensitive(&kc_client.secret);
@@ -130,9 +128,7 @@ pub async fn a_client_secret_that_did_not_opt_in_is_never_sent(env: Arc<Env>) ->
 /// Labels, annotations or a new resourceVersion of the client Secret issue no token; a new value
 /// does, once.
 pub async fn only_a_new_client_secret_value_issues_a_token(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "touch", &[probe.as_str()]).await?;
+    let (c, port) = Case::with_metrics(env, "touch", &[]).await?;
     let (client_id, client) = c.client_with_creds("touch", None).await?;
     c.ra("t", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("t").await?;

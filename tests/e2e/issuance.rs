@@ -13,7 +13,7 @@ use crate::support::case::*;
 use crate::support::k8s::{condition, wait_condition};
 use crate::support::keycloak::{self, REALM, ROLE};
 use crate::support::metrics::wait_idle;
-use crate::support::{self, Env, Result};
+use crate::support::{Env, Result};
 
 /// The documented case: test-ext in consent-01-external-system gets a verified token.
 pub async fn issues_a_verified_token_for_the_documented_client(env: Arc<Env>) -> Result<()> {
@@ -112,9 +112,7 @@ pub async fn refreshes_before_every_expiry(env: Arc<Env>) -> Result<()> {
 
 /// The refresh annotation issues one new token per new value.
 pub async fn refresh_on_demand(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "on-demand", &[probe.as_str()]).await?;
+    let (c, port) = Case::with_metrics(env, "on-demand", &[]).await?;
     let (client_id, _) = c.client_with_creds("ondemand", None).await?;
     c.ra("od", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("od").await?;

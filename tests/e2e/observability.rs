@@ -13,10 +13,8 @@ use crate::support::{self, Env, Result};
 
 /// Metrics and Events follow tokens and failures; routine refreshes write no Event.
 pub async fn metrics_and_events_follow_tokens_and_failures(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
     // 20 s tokens, read through the API here: no warning about the kubelet's sync period.
-    let c = Case::with_operator_args(env, "observe", &[probe.as_str(), "--kubelet-sync-period=0s"]).await?;
+    let (c, port) = Case::with_metrics(env, "observe", &["--kubelet-sync-period=0s"]).await?;
     let (client_id, client) = c.client_with_creds("observe", Some(20)).await?;
     c.ra("obs", c.spec(c.kc(), &client_id, "creds")).await?;
     let status = c.ready("obs").await?;
@@ -142,9 +140,7 @@ fn regex_lite_by(expr: &str) -> String {
 /// Every query of the chart's Grafana dashboard and every alert rule reads only metrics that a
 /// live operator's `/metrics` offers.
 pub async fn dashboard_and_alerts_use_only_exported_metrics(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "dashboard", &[probe.as_str(), "--kubelet-sync-period=0s"]).await?;
+    let (c, port) = Case::with_metrics(env, "dashboard", &["--kubelet-sync-period=0s"]).await?;
     let (client_id, _) = c.client_with_creds("dashboard", None).await?;
     c.ra("dash", c.spec(c.kc(), &client_id, "creds")).await?;
     c.ready("dash").await?;

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::support::case::*;
 use crate::support::k8s::{condition, wait_condition};
-use crate::support::{self, Env, Result};
+use crate::support::{Env, Result};
 
 const NUDGE_ANNOTATION: &str = "registry-access.io/token-written";
 
@@ -75,9 +75,7 @@ async fn refresh(c: &Case, ra: &str, value: &str) -> Result<()> {
 /// Secret's new version; a pod that is not Running, and the pods of an object with
 /// spec.nudgePods false, get nothing.
 pub async fn mounting_pods_are_nudged_after_each_new_token(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "nudge", &[probe.as_str()]).await?;
+    let (c, port) = Case::with_metrics(env, "nudge", &[]).await?;
     let (client_id, _) = c.client_with_creds("nudge", None).await?;
     c.ra("nudged", c.spec(c.kc(), &client_id, "creds")).await?;
     let mut quiet = c.spec(c.kc(), &client_id, "creds");

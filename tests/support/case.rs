@@ -37,6 +37,14 @@ impl Case {
         Self::with_operator_env(env, name, extra, &[]).await
     }
 
+    /// A case whose operator serves its probes and metrics on a free port, returned with it.
+    pub async fn with_metrics(env: Arc<Env>, name: &str, extra: &[&str]) -> Result<(Self, u16)> {
+        let port = super::process::free_port()?;
+        let probe = format!("--probe-addr=127.0.0.1:{port}");
+        let args: Vec<&str> = std::iter::once(probe.as_str()).chain(extra.iter().copied()).collect();
+        Ok((Self::with_operator_args(env, name, &args).await?, port))
+    }
+
     /// A case whose operator gets `extra` arguments and `envs` environment variables.
     pub async fn with_operator_env(env: Arc<Env>, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
         let kubeconfig = env.cluster.kubeconfig.clone();

@@ -16,7 +16,7 @@ use crate::support::case::*;
 use crate::support::http::read_request;
 use crate::support::k8s::wait_condition;
 use crate::support::keycloak::REALM;
-use crate::support::{self, Env, Result};
+use crate::support::{Env, Result};
 
 /// A token server that answers every request with 429 and `Retry-After`, recording each body.
 pub async fn rate_limiting_server(retry_after_secs: u32) -> Result<(String, Arc<Mutex<Vec<String>>>, JoinHandle<()>)> {
@@ -47,9 +47,7 @@ pub async fn rate_limiting_server(retry_after_secs: u32) -> Result<(String, Arc<
 /// whose allowed-servers annotation changes, are dropped unsent: the token server never receives
 /// their secret.
 pub async fn consent_withdrawn_while_waiting_stops_the_request(env: Arc<Env>) -> Result<()> {
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "ten-consent", &[probe.as_str()]).await?;
+    let (c, port) = Case::with_metrics(env, "ten-consent", &[]).await?;
     let (server, bodies, _task) = rate_limiting_server(15).await?;
     let spec = |creds: &str| json!({"server": server, "realm": REALM, "clientId": "limited", "clientSecretRef": {"name": creds}});
     for (name, value) in [("a-creds", "value-of-a"), ("b-creds", "value-of-b"), ("c-creds", "value-of-c")] {

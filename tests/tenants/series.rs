@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::support::case::*;
 use crate::support::http::read_request;
-use crate::support::{self, Env, Result};
+use crate::support::{Env, Result};
 use crate::text::unsigned_jwt;
 
 /// A token server that answers each request with a valid-looking token after `delay`.
@@ -46,9 +46,7 @@ pub async fn slow_token_server(delay: Duration) -> Result<(String, JoinHandle<()
 /// written): once every request has ended, no metric series of a deleted object remains.
 pub async fn deleted_objects_leave_no_series(env: Arc<Env>) -> Result<()> {
     const N: usize = 40;
-    let port = support::process::free_port()?;
-    let probe = format!("--probe-addr=127.0.0.1:{port}");
-    let c = Case::with_operator_args(env, "ten-race", &[probe.as_str(), "--kubelet-sync-period=0s"]).await?;
+    let (c, port) = Case::with_metrics(env, "ten-race", &["--kubelet-sync-period=0s"]).await?;
     let (server, _task) = slow_token_server(Duration::from_millis(1500)).await?;
     c.client_secret("creds", "race-secret-value").await?;
     let spec = json!({"server": server, "realm": "r", "clientId": "x", "clientSecretRef": {"name": "creds"}});
